@@ -1,0 +1,42 @@
+"""DuckDB over the store: the views every query sees.
+
+- ``cells``: one row per cell (newest row per ``cell_id`` wins), every column of the row
+  schema except the nested ``metrics`` (see ``qsweep query "describe cells"``).
+- ``metrics``: long table, one row per (cell, metric): sweep, cell_id, model, method, bits,
+  group_size, dataset, metric, value, stderr, n, definition.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+from orchestrator.store import Store
+
+VIEWS = {
+    "cells": """
+        create or replace view cells as
+        select * exclude (metrics) from latest_rows
+    """,
+    "metrics": """
+        create or replace view metrics as
+        select sweep, cell_id, model, method, bits, group_size, dataset,
+               m.metric as metric, m.value as value, m.stderr as stderr, m.n as n,
+               m.definition as definition
+        from (select *, unnest(metrics) as m from latest_rows)
+    """,
+}
+
+
+def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the store's views; reads only, loads no extension."""
+    con = duckdb.connect(config={"autoinstall_known_extensions": False,
+                                 "autoload_known_extensions": False})
+    con.register("raw_rows", Store(results).dataset(sweep))
+    con.execute("""
+        create or replace view latest_rows as
+        select * from raw_rows
+        qualify row_number() over (partition by cell_id order by finished_at desc) = 1
+    """)
+    for sql in VIEWS.values():
+        con.execute(sql)
+    return con

@@ -1,0 +1,137 @@
+"""Expand a spec into cells and groups; the one definition of the cell hash."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.schema import SCHEMA_VERSION
+from orchestrator.spec import DatasetEntry, ModelEntry, Spec
+from tasks.quantize.registry import get_method
+
+
+def canonical_hash(payload: Any) -> str:
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (model, method + params, bits, group size, calibration, dataset + settings, seed)."""
+
+    sweep: str
+    model: ModelEntry
+    method: str
+    params: dict[str, Any]
+    bits: int | None
+    group_size: int | None
+    calibration: dict[str, Any] | None
+    dataset: DatasetEntry
+    seed: int
+
+    def quant_identity(self) -> dict[str, Any]:
+        return {
+            "model": {"name": self.model.name, "path": self.model.path, "dtype": self.model.dtype},
+            "method": self.method,
+            "params": self.params,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "calibration": self.calibration,
+            "seed": self.seed,
+        }
+
+    def identity(self) -> dict[str, Any]:
+        d = self.dataset
+        return {
+            **self.quant_identity(),
+            "dataset": {"name": d.name, "task": d.task, "path": d.path, "limit": d.limit,
+                        "settings": d.settings},
+            "schema_version": SCHEMA_VERSION,
+        }
+
+    @property
+    def cell_id(self) -> str:
+        return canonical_hash(self.identity())[:24]
+
+    @property
+    def group_id(self) -> str:
+        return canonical_hash({**self.quant_identity(), "schema_version": SCHEMA_VERSION})[:24]
+
+    def axis_values(self) -> dict[str, Any]:
+        return {"model": self.model.name, "method": self.method, "bits": self.bits,
+                "group_size": self.group_size, "dataset": self.dataset.name, **self.params}
+
+
+@dataclass(frozen=True)
+class Group:
+    """Cells sharing one quantization config: quantized once, evaluated per dataset."""
+
+    group_id: str
+    cells: tuple[Cell, ...]
+
+    @property
+    def head(self) -> Cell:
+        return self.cells[0]
+
+
+def expand(spec: Spec) -> list[Cell]:
+    """The grid, honouring each method's axes and the exclude rules; no duplicates."""
+    cells: dict[str, Cell] = {}
+    for model, variant in itertools.product(spec.models, spec.methods):
+        info = get_method(variant.name)
+        bits_axis = spec.bits if info.uses_bits else (None,)
+        groups_axis = spec.group_sizes if info.uses_group_size else (None,)
+        calibration = spec.calibration if info.needs_calibration else None
+        for bits, group_size, dataset in itertools.product(bits_axis, groups_axis, spec.datasets):
+            cell = Cell(sweep=spec.name, model=model, method=variant.name, params=variant.params,
+                        bits=bits, group_size=group_size, calibration=calibration,
+                        dataset=dataset, seed=spec.seed)
+            if not any(_matches(rule, cell) for rule in spec.exclude):
+                cells.setdefault(cell.cell_id, cell)
+    return list(cells.values())
+
+
+def _matches(rule: dict[str, list], cell: Cell) -> bool:
+    values = cell.axis_values()
+    return all(key in values and values[key] in allowed for key, allowed in rule.items())
+
+
+def group_cells(cells: list[Cell]) -> list[Group]:
+    """Groups in first-seen order, cells of one model kept together."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.group_id, []).append(cell)
+    ordered = sorted(groups.items(), key=lambda kv: kv[1][0].model.name)
+    return [Group(group_id=gid, cells=tuple(members)) for gid, members in ordered]
+
+
+def identity_columns(cell: Cell) -> dict[str, Any]:
+    """The identity group of a result row, derived from the cell alone."""
+    from tasks.evaluate.registry import get_task
+
+    d = cell.dataset
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "sweep": cell.sweep,
+        "cell_id": cell.cell_id,
+        "group_id": cell.group_id,
+        "model": cell.model.name,
+        "model_path": cell.model.path,
+        "dtype": cell.model.dtype,
+        "method": cell.method,
+        "method_params": json.dumps(cell.params, sort_keys=True),
+        "method_version": get_method(cell.method).version,
+        "bits": cell.bits,
+        "group_size": cell.group_size,
+        "calibration": json.dumps(cell.calibration, sort_keys=True) if cell.calibration else None,
+        "dataset": d.name,
+        "task": d.task,
+        "task_version": get_task(d.task).version,
+        "dataset_path": d.path,
+        "limit": d.limit,
+        "eval_settings": json.dumps(d.settings, sort_keys=True),
+        "seed": cell.seed,
+    }

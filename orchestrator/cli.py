@@ -1,0 +1,212 @@
+"""``qsweep``: plan, run, status and query a compression sweep.
+
+Exit codes: 0 when every cell has a final row (ok, failed, skipped); 2 for an invalid spec or
+bad arguments; 1 when the driver itself fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter, defaultdict
+
+from orchestrator.spec import SpecError, load_spec
+from orchestrator.store import Store, StoreError
+from orchestrator.table import render
+
+EXIT_OK, EXIT_DRIVER, EXIT_USAGE = 0, 1, 2
+AXES = ("model", "method", "bits", "group_size", "dataset")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 as well; keep its usage line
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qsweep", description="Declarative LLM compression sweeps: quantize, "
+                     "evaluate and profile every cell on Ray; query the results with DuckDB.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("plan", help="validate a spec; show its cells, counts per axis and problems",
+                       description="Validate SPEC and show the cells it expands to, counts per "
+                       "axis, preflight skips and fallbacks. Exit 2 when the spec is invalid.")
+    p.add_argument("spec", help="sweep YAML file")
+    p.add_argument("--results", default="results", help="results directory, to show what is done (default: ./results)")
+    p.add_argument("--cells", action="store_true", help="list every cell")
+
+    p = sub.add_parser("run", help="run every cell that has no ok row yet",
+                       description="Run SPEC on Ray (embedded locally, or the cluster at "
+                       "RAY_ADDRESS). Cells with an ok row are not run again.")
+    p.add_argument("spec", help="sweep YAML file")
+    p.add_argument("--results", default="results", help="results directory (default: ./results)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs for the embedded Ray (default: detected; logical GPUs for tests)")
+    p.add_argument("--cpu-actors", type=int, default=None,
+                   help="CPU actors when there is no GPU (default: the spec's cpu_actors, 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="show actor logs")
+
+    p = sub.add_parser("status", help="done / failed / skipped / missing per axis",
+                       description="Count, for each axis value of SPEC, the cells that are done "
+                       "(ok), failed, skipped or missing in the store.")
+    p.add_argument("spec", help="sweep YAML file")
+    p.add_argument("--results", default="results", help="results directory (default: ./results)")
+
+    p = sub.add_parser("query", help="SQL over the results (views: cells, metrics)",
+                       description="Run SQL on DuckDB over the store. Views: cells (one row per "
+                       "cell, newest wins), metrics (cell_id, dataset, metric, value, stderr, n, "
+                       "definition).")
+    p.add_argument("sql", help='e.g. "select method, bits, group_size, status from cells"')
+    p.add_argument("--results", default="results", help="results directory (default: ./results)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as exc:
+        print(f"invalid spec ({len(exc.problems)} problem{'s' * (len(exc.problems) > 1)}):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreError as exc:
+        print(f"qsweep: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qsweep: interrupted; finished cells are in the store, run again to resume", file=sys.stderr)
+        return EXIT_DRIVER
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from orchestrator.driver import make_plan
+
+    spec = load_spec(args.spec)
+    plan = make_plan(spec, Store(args.results))
+    print(f"sweep {spec.name}: {len(plan.cells)} cells in "
+          f"{len({c.group_id for c in plan.cells})} quantization groups; {len(plan.done)} done, "
+          f"{len(plan.skipped)} skipped by preflight, {len(plan.pending)} to run")
+    for axis in AXES:
+        counts = Counter(str(getattr_axis(c, axis)) for c in plan.cells)
+        print(f"  {axis:<11}" + ", ".join(f"{v}: {n}" for v, n in counts.items()))
+    for cell in plan.cells:
+        if cell.cell_id in plan.skipped:
+            print(f"  skip {_label(cell)}: {plan.skipped[cell.cell_id].reason}")
+    notes = Counter(plan.notes.values())
+    for note, n in notes.items():
+        print(f"  note ({n} cells): {note}")
+    if args.cells:
+        rows = [(c.cell_id, c.model.name, c.method, _params(c), c.bits, c.group_size, c.dataset.name,
+                 "done" if c.cell_id in plan.done else "skip" if c.cell_id in plan.skipped else "to run")
+                for c in plan.cells]
+        print(render(["cell_id", "model", "method", "params", "bits", "group_size", "dataset", "state"], rows))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.driver import run_sweep
+
+    spec = load_spec(args.spec)
+    store = Store(args.results)
+    try:
+        result = run_sweep(spec, store, gpus=args.gpus, cpu_actors=args.cpu_actors,
+                           progress=not args.no_progress, verbose=args.verbose)
+    except StoreError:
+        raise
+    except Exception:
+        logging.getLogger("qsweep").exception("the driver failed; finished cells are in the store")
+        return EXIT_DRIVER
+    print(f"ran {result.ran} cells in {result.wall_s:.1f} s; rows written: {result.rows_written} "
+          f"({', '.join(f'{k}: {v}' for k, v in sorted(result.statuses.items())) or 'none'})")
+    print(summary_table(args.results, spec.name))
+    print(f"results: {store.cells_dir(spec.name)}")
+    return EXIT_OK
+
+
+def summary_table(results: str, sweep: str) -> str:
+    from analysis.views import connect
+
+    con = connect(results, sweep)
+    sql = """
+        select method, regexp_replace(method_params, '[{}" ]', '', 'g') as params, bits, group_size, dataset, status,
+               primary_metric as metric, round(primary_value, 3) as value,
+               round(weight_bytes / 1e6, 1) as weight_mb, round(bits_per_weight, 3) as bpw,
+               coalesce(error_class || ': ' || error_message, fallback) as note
+        from cells order by model, dataset, method, bits nulls first, group_size, params
+    """
+    rel = con.execute(sql)
+    return render([d[0] for d in rel.description], rel.fetchall())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    from orchestrator.cells import expand
+
+    cells = expand(spec)
+    store = Store(args.results)
+    rows = {}
+    if store.files(spec.name):
+        rows = {r["cell_id"]: r["status"] for r in store.read(spec.name, columns=["status"]).to_pylist()}
+    states = ("ok", "failed", "timeout", "skipped", "missing")
+    table = defaultdict(Counter)
+    for cell in cells:
+        state = rows.get(cell.cell_id, "missing")
+        for axis in AXES:
+            table[(axis, str(getattr_axis(cell, axis)))][state] += 1
+    total = Counter(rows.get(c.cell_id, "missing") for c in cells)
+    print(f"sweep {spec.name}: {len(cells)} cells; " + ", ".join(f"{s}: {total[s]}" for s in states))
+    print(render(["axis", "value", *states], [(a, v, *(c[s] for s in states)) for (a, v), c in table.items()]))
+    return EXIT_OK
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from analysis.views import connect
+
+    con = connect(args.results)
+    try:
+        rel = con.execute(args.sql)
+    except duckdb.Error as exc:
+        print(f"qsweep query: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if rel.description is None:
+        return EXIT_OK
+    columns = [d[0] for d in rel.description]
+    rows = rel.fetchall()
+    if args.format == "table":
+        print(render(columns, rows, max_width=80))
+    elif args.format == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        import json
+
+        print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
+    return EXIT_OK
+
+
+def getattr_axis(cell, axis: str):
+    return cell.axis_values()[axis]
+
+
+def _params(cell) -> str:
+    return ",".join(f"{k}={v}" for k, v in cell.params.items() if v is not None) or "-"
+
+
+def _label(cell) -> str:
+    return f"{cell.model.name}/{cell.method}[{_params(cell)}]/b{cell.bits}/g{cell.group_size}/{cell.dataset.name}"
+
+
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "query": cmd_query}
+
+if __name__ == "__main__":
+    sys.exit(main())

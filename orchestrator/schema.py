@@ -1,0 +1,110 @@
+"""The one definition of a result row: one row per cell, grouped as in DESIGN.md.
+
+Every column carries its definition as field metadata (``doc``), so a figure never travels
+without saying what it measured. ``qsweep query "describe cells"`` shows the columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+STATUSES = ("ok", "failed", "skipped", "timeout")
+ERROR_CLASSES = ("oom", "shape", "unsupported", "nan", "data", "timeout", "crash", "error")
+STAGES = ("preflight", "load", "calibrate", "quantize", "evaluate", "profile")
+
+METRIC = pa.struct([
+    ("metric", pa.string()),
+    ("value", pa.float64()),
+    ("stderr", pa.float64()),
+    ("n", pa.int64()),
+    ("definition", pa.string()),
+])
+
+_S, _I, _F, _B, _T = pa.string(), pa.int64(), pa.float64(), pa.bool_(), pa.timestamp("us", tz="UTC")
+
+COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    # identity
+    ("schema_version", _I, "result-schema version of this row"),
+    ("sweep", _S, "sweep name from the spec"),
+    ("cell_id", _S, "content hash of the cell's identity (see orchestrator.cells)"),
+    ("group_id", _S, "hash of the quantization config shared by cells quantized once"),
+    ("spec_hash", _S, "hash of the whole spec file's data when this row was written"),
+    ("model", _S, "model name from the spec"),
+    ("model_path", _S, "model path or hub id as given ('known:<name>' for a catalogued model)"),
+    ("dtype", _S, "dtype the model was loaded in"),
+    ("method", _S, "quantization method registry name"),
+    ("method_params", _S, "method parameters as canonical JSON"),
+    ("method_version", _S, "version of the method implementation"),
+    ("bits", _I, "weight bit width; null for methods that take none (baseline)"),
+    ("group_size", _I, "requested group size; -1 = per output channel; null when not used"),
+    ("calibration", _S, "calibration spec as JSON; null for calibration-free methods"),
+    ("dataset", _S, "dataset name from the spec"),
+    ("task", _S, "evaluation task registry name"),
+    ("task_version", _S, "version of the task definition"),
+    ("dataset_path", _S, "dataset file, hub id or builtin source"),
+    ("limit", _I, "sample limit from the spec (task-specific unit); null = all"),
+    ("eval_settings", _S, "task settings as canonical JSON"),
+    ("seed", _I, "seed of the cell"),
+    # outcome
+    ("status", _S, "ok | failed | skipped | timeout"),
+    ("error_class", _S, "oom | shape | unsupported | nan | data | timeout | crash | error; null when ok"),
+    ("error_stage", _S, "preflight | load | calibrate | quantize | evaluate | profile; null when ok"),
+    ("error_message", _S, "what went wrong or why the cell was skipped"),
+    ("error_traceback", _S, "truncated traceback of a failure"),
+    ("attempts", _I, "attempts made for this cell, this one included"),
+    # quality
+    ("primary_metric", _S, "name of the task's primary metric"),
+    ("primary_value", _F, "value of the primary metric"),
+    ("primary_stderr", _F, "standard error of the primary metric"),
+    ("primary_n", _I, "samples behind the primary metric (task-specific unit)"),
+    ("metrics", pa.list_(METRIC), "all metrics of the cell with their definitions"),
+    # size
+    ("weight_bytes", _I, "bytes of all weights: quantized layers at bits + scales/zeros, the rest at dtype"),
+    ("weight_bytes_source", _S, "'stored' (bytes of a saved artifact) or 'packed-arithmetic' "
+     "(exact count of codes, scales and zeros a packed format stores; the model ran dequantized)"),
+    ("bits_per_weight", _F, "effective bits per weight of quantized layers, scales and zeros included"),
+    ("params_total", _I, "parameters in the model"),
+    ("params_quantized", _I, "parameters in quantized layers"),
+    ("layers_quantized", _I, "linear layers quantized"),
+    ("layers_fallback", _I, "quantized layers whose width the group size does not divide (see fallback)"),
+    ("layers_high_precision", _I, "linear layers left in the model's dtype"),
+    ("fallback", _S, "what non-divisible layers got: ragged | divisor | skip; null when none"),
+    ("weight_format", _S, "dense (unquantized) | fake-quant (dequantized weights) | a packed format"),
+    ("kernel", _S, "kernel path evaluated: 'dense' or 'dequantized' (no packed low-bit kernel)"),
+    # speed and memory
+    ("device", _S, "device the cell ran on: cpu or cuda:N"),
+    ("peak_rss_bytes", _I, "peak resident set size of the actor process during this cell's "
+     "evaluation, sampled every 20 ms (CPU memory; includes the base model the actor keeps)"),
+    ("model_bytes_in_memory", _I, "bytes of the model's parameters and buffers as held for evaluation"),
+    # provenance
+    ("host", _S, "host name of the actor"),
+    ("actor", _S, "actor that ran the cell (pid@host)"),
+    ("gpu_name", _S, "GPU name; null on CPU"),
+    ("torch_threads", _I, "torch intra-op threads in the actor"),
+    ("model_loads", _I, "model loads this actor had done when the cell finished"),
+    ("versions", _S, "library versions as JSON (python, torch, transformers, qsweep, ...)"),
+    ("time_load_s", _F, "wall seconds to get the base model (load or copy from the actor's cache); shared by the group"),
+    ("time_quantize_s", _F, "wall seconds to quantize; shared by the cells of the group"),
+    ("time_evaluate_s", _F, "wall seconds of this cell's evaluation (data preparation included)"),
+    ("time_profile_s", _F, "wall seconds of profiling the quantized model (size accounting); shared by the group"),
+    ("started_at", _T, "when the cell's group started on the actor"),
+    ("finished_at", _T, "when this cell's row was made; newest wins when a cell has several rows"),
+]
+
+SCHEMA = pa.schema([pa.field(name, dtype, metadata={"doc": doc}) for name, dtype, doc in COLUMNS])
+COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
+
+
+def to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts) to a table of the schema; unknown keys are an error, missing ones null."""
+    for row in rows:
+        unknown = set(row) - set(COLUMN_NAMES)
+        if unknown:
+            raise KeyError(f"row has columns not in the schema: {sorted(unknown)}")
+        if row.get("status") not in STATUSES:
+            raise ValueError(f"row status {row.get('status')!r} not in {STATUSES}")
+    return pa.Table.from_pylist([{n: r.get(n) for n in COLUMN_NAMES} for r in rows], schema=SCHEMA)

@@ -1,0 +1,381 @@
+"""Parse and validate a sweep spec: every problem at once, before any GPU time.
+
+A spec is pure data. Parsing touches no GPU, no network and no environment variable; it reads
+the YAML file and the torch-free method and task registries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from tasks.evaluate.registry import KNOWN_DATASETS, TASKS, UnknownTask, get_task
+from tasks.catalog import KNOWN_MODELS
+from tasks.quantize.registry import METHODS, UnknownMethod, get_method
+
+TOP_LEVEL_KEYS = {
+    "name": "sweep name (letters, digits, '-', '_', '.')",
+    "models": "list of {name, path, dtype}",
+    "methods": "list of {name, <param>: value | [values]}",
+    "bits": "list of bit widths, for methods that take bits",
+    "group_sizes": "list of group sizes (-1 = one scale per output channel)",
+    "datasets": "list of {name, task, path, limit, <task setting>: value}",
+    "calibration": "{dataset, samples, seq_len}, for methods that need calibration",
+    "exclude": "list of {axis: value | [values]} rules; a cell matching every key is dropped",
+    "seed": "integer seed recorded in every cell (default 0)",
+    "cpu_actors": "number of CPU actors when the cluster has no GPU (default 1)",
+}
+DTYPES = ("float32", "float16", "bfloat16")
+MODEL_KEYS = ("name", "path", "dtype")
+DATASET_KEYS = ("name", "task", "path", "limit")
+CALIBRATION_KEYS = ("dataset", "samples", "seq_len")
+AXES = ("model", "method", "bits", "group_size", "dataset")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class SpecError(Exception):
+    """All problems found in a spec; ``str()`` lists one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class MethodVariant:
+    """One method with one value per parameter (a list in the spec gives several variants)."""
+
+    name: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    task: str
+    path: str
+    limit: int | None
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Spec:
+    source: str
+    name: str
+    models: tuple[ModelEntry, ...]
+    methods: tuple[MethodVariant, ...]
+    bits: tuple[int, ...]
+    group_sizes: tuple[int, ...]
+    datasets: tuple[DatasetEntry, ...]
+    calibration: dict[str, Any] | None
+    exclude: tuple[dict[str, Any], ...]
+    seed: int
+    cpu_actors: int
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+class _Problems:
+    def __init__(self, source: str):
+        self.source = source
+        self.items: list[str] = []
+
+    def add(self, where: str, value: Any, message: str) -> None:
+        shown = "" if value is _MISSING else f"={value!r}"
+        self.items.append(f"{self.source}: {where}{shown}: {message}")
+
+
+_MISSING = object()
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file; raises SpecError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([f"{path}: no such file; pass the path of a sweep YAML (see sweeps/)"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{path}: not valid YAML: {exc}"]) from None
+    return parse_spec(raw, source=str(path))
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
+    """Validate a spec given as data; raises SpecError listing every problem."""
+    problems = _Problems(source)
+    if not isinstance(raw, dict):
+        problems.add("(top level)", _MISSING, "a spec is a mapping with keys " + _keys(TOP_LEVEL_KEYS))
+        raise SpecError(problems.items)
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            problems.add(str(key), _MISSING, f"unknown key; allowed: {_keys(TOP_LEVEL_KEYS)}")
+
+    name = raw.get("name", _MISSING)
+    if name is _MISSING:
+        problems.add("name", _MISSING, "missing; give the sweep a name, e.g. `name: demo`")
+    elif not isinstance(name, str) or not NAME_RE.match(name):
+        problems.add("name", name, "use letters, digits, '-', '_' or '.'")
+
+    models = _parse_models(raw.get("models", _MISSING), problems)
+    methods = _parse_methods(raw.get("methods", _MISSING), problems)
+    uses_bits = any(get_method(m.name).uses_bits for m in methods)
+    uses_groups = any(get_method(m.name).uses_group_size for m in methods)
+    bits = _int_list(raw, "bits", problems, required=uses_bits, check=lambda b: b > 0,
+                     allowed="positive integers, e.g. [3, 4, 8]")
+    group_sizes = _int_list(raw, "group_sizes", problems, required=uses_groups,
+                            check=lambda g: g > 0 or g == -1,
+                            allowed="positive integers or -1 (per output channel)")
+    datasets = _parse_datasets(raw.get("datasets", _MISSING), problems)
+    needs_calibration = [m.name for m in methods if get_method(m.name).needs_calibration]
+    calibration = _parse_calibration(raw.get("calibration"), needs_calibration, problems)
+    exclude = _parse_exclude(raw.get("exclude", []), methods, problems)
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        problems.add("seed", seed, "must be an integer")
+    cpu_actors = raw.get("cpu_actors", 1)
+    if not isinstance(cpu_actors, int) or isinstance(cpu_actors, bool) or cpu_actors < 1:
+        problems.add("cpu_actors", cpu_actors, "must be an integer >= 1")
+
+    if problems.items:
+        raise SpecError(problems.items)
+    spec = Spec(
+        source=source, name=name, models=tuple(models), methods=tuple(methods),
+        bits=tuple(bits), group_sizes=tuple(group_sizes), datasets=tuple(datasets),
+        calibration=calibration, exclude=tuple(exclude), seed=seed, cpu_actors=cpu_actors,
+        raw=raw,
+    )
+    _check_capabilities(spec, problems)
+    if problems.items:
+        raise SpecError(problems.items)
+    return spec
+
+
+def _keys(allowed) -> str:
+    return ", ".join(allowed)
+
+
+def _entries(value: Any, field_name: str, problems: _Problems, example: str) -> list[dict]:
+    if value is _MISSING:
+        problems.add(field_name, _MISSING, f"missing; add a list, e.g. `{field_name}: [{example}]`")
+        return []
+    if not isinstance(value, list) or not value:
+        problems.add(field_name, value, f"must be a non-empty list, e.g. [{example}]")
+        return []
+    entries = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or "name" not in entry and field_name != "exclude":
+            problems.add(f"{field_name}[{i}]", entry, f"must be a mapping with a name, e.g. {example}")
+            continue
+        entries.append((i, entry))
+    return entries
+
+
+def _parse_models(value: Any, problems: _Problems) -> list[ModelEntry]:
+    models = []
+    for i, entry in _entries(value, "models", problems, "{name: smollm2-135m}"):
+        where = f"models[{i}]"
+        for key in entry:
+            if key not in MODEL_KEYS:
+                problems.add(f"{where}.{key}", _MISSING, f"unknown key; allowed: {_keys(MODEL_KEYS)}")
+        name, path = entry["name"], entry.get("path")
+        if path is None and name not in KNOWN_MODELS:
+            problems.add(f"{where}.path", _MISSING,
+                         f"'{name}' is not a model qsweep knows ({_keys(KNOWN_MODELS)}); "
+                         "add `path: <local dir | hub id>`")
+        elif path is not None and not isinstance(path, str):
+            problems.add(f"{where}.path", path, "must be a local directory or a hub id")
+        dtype = entry.get("dtype", "float32")
+        if dtype not in DTYPES:
+            problems.add(f"{where}.dtype", dtype, f"allowed: {_keys(DTYPES)}")
+        if any(m.name == name for m in models):
+            problems.add(f"{where}.name", name, "duplicate model name; names must be unique")
+        models.append(ModelEntry(name=str(name), path=path or f"known:{name}", dtype=dtype))
+    return models
+
+
+def _parse_methods(value: Any, problems: _Problems) -> list[MethodVariant]:
+    variants: list[MethodVariant] = []
+    for i, entry in _entries(value, "methods", problems, "{name: rtn, sym: [true, false]}"):
+        where = f"methods[{i}]"
+        try:
+            info = get_method(entry["name"])
+        except UnknownMethod as exc:
+            problems.add(f"{where}.name", entry["name"], str(exc).strip("\"'"))
+            continue
+        fields = info.config.model_fields
+        params = {k: v for k, v in entry.items() if k != "name"}
+        for key in list(params):
+            if key not in fields:
+                allowed = _keys(fields) if fields else "none (this method takes no parameters)"
+                problems.add(f"{where}.{key}", _MISSING, f"unknown parameter of '{info.name}'; allowed: {allowed}")
+                params.pop(key)
+        axes = {k: (v if isinstance(v, list) else [v]) for k, v in params.items()}
+        if any(len(v) == 0 for v in axes.values()):
+            problems.add(where, params, "a parameter list must not be empty")
+            continue
+        seen = set()
+        for combo in itertools.product(*axes.values()):
+            chosen = dict(zip(axes, combo))
+            try:
+                config = info.config(**chosen)
+            except ValidationError as exc:
+                for err in exc.errors():
+                    loc = ".".join(str(p) for p in err["loc"])
+                    problems.add(f"{where}.{loc}", err.get("input"), _pydantic_message(err, info.config))
+                break
+            normal = config.model_dump()
+            key = tuple(sorted(normal.items()))
+            if key not in seen:  # e.g. zero_point is irrelevant when sym is true
+                seen.add(key)
+                variants.append(MethodVariant(name=info.name, params=normal))
+    return variants
+
+
+def _pydantic_message(err: dict, config: type) -> str:
+    loc = err["loc"][0] if err["loc"] else None
+    field_info = config.model_fields.get(loc) if loc else None
+    allowed = f"; allowed: {field_info.annotation}" if field_info is not None else ""
+    return f"{err['msg']}{allowed}"
+
+
+def _int_list(raw: dict, key: str, problems: _Problems, required: bool, check, allowed: str) -> list[int]:
+    value = raw.get(key, _MISSING)
+    if value is _MISSING:
+        if required:
+            problems.add(key, _MISSING, f"missing; a method in this spec takes it ({allowed})")
+        return []
+    if not isinstance(value, list) or not value:
+        problems.add(key, value, f"must be a non-empty list of {allowed}")
+        return []
+    good = []
+    for i, item in enumerate(value):
+        if not isinstance(item, int) or isinstance(item, bool) or not check(item):
+            problems.add(f"{key}[{i}]", item, f"allowed: {allowed}")
+        elif item in good:
+            problems.add(f"{key}[{i}]", item, "duplicate value")
+        else:
+            good.append(item)
+    return good
+
+
+def _parse_datasets(value: Any, problems: _Problems) -> list[DatasetEntry]:
+    datasets: list[DatasetEntry] = []
+    for i, entry in _entries(value, "datasets", problems, "{name: pydoc-topics, limit: 8}"):
+        where = f"datasets[{i}]"
+        name = entry["name"]
+        known_task, known_path = KNOWN_DATASETS.get(name, (None, None))
+        task_name = entry.get("task", known_task or name)
+        try:
+            task = get_task(task_name)
+        except UnknownTask as exc:
+            problems.add(f"{where}.task", task_name, str(exc).strip("\"'") + "; set `task:`")
+            continue
+        path = entry.get("path", known_path)
+        if path is None:
+            problems.add(f"{where}.path", _MISSING,
+                         f"'{name}' is not a dataset qsweep knows ({_keys(KNOWN_DATASETS)}); "
+                         "add `path: <file | hub id>`")
+        limit = entry.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            problems.add(f"{where}.limit", limit, "must be a positive integer (or omitted for all)")
+        settings = {k: v for k, v in entry.items() if k not in DATASET_KEYS}
+        try:
+            settings = task.config(**settings).model_dump()
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                if err["type"] == "extra_forbidden":
+                    allowed = _keys(DATASET_KEYS + tuple(task.config.model_fields))
+                    problems.add(f"{where}.{loc}", _MISSING, f"unknown key for task '{task.name}'; allowed: {allowed}")
+                else:
+                    problems.add(f"{where}.{loc}", err.get("input"), _pydantic_message(err, task.config))
+            continue
+        if any(d.name == name for d in datasets):
+            problems.add(f"{where}.name", name, "duplicate dataset name; two entries may share a task, not a name")
+        datasets.append(DatasetEntry(name=str(name), task=task.name, path=str(path), limit=limit,
+                                     settings=settings))
+    return datasets
+
+
+def _parse_calibration(value: Any, needed_by: list[str], problems: _Problems) -> dict | None:
+    if value is None:
+        if needed_by:
+            problems.add("calibration", _MISSING,
+                         f"missing; needed by {_keys(sorted(set(needed_by)))}: add "
+                         "`calibration: {dataset: <name or path>, samples: 128, seq_len: 512}`")
+        return None
+    if not isinstance(value, dict):
+        problems.add("calibration", value, "must be a mapping {dataset, samples, seq_len}")
+        return None
+    for key in value:
+        if key not in CALIBRATION_KEYS:
+            problems.add(f"calibration.{key}", _MISSING, f"unknown key; allowed: {_keys(CALIBRATION_KEYS)}")
+    if not isinstance(value.get("dataset"), str):
+        problems.add("calibration.dataset", value.get("dataset", _MISSING), "a dataset name or path is required")
+    for key, default in (("samples", 128), ("seq_len", 512)):
+        v = value.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            problems.add(f"calibration.{key}", v, "must be a positive integer")
+    return {"dataset": value.get("dataset"), "samples": value.get("samples", 128),
+            "seq_len": value.get("seq_len", 512)}
+
+
+def _parse_exclude(value: Any, methods: list[MethodVariant], problems: _Problems) -> list[dict]:
+    if not isinstance(value, list):
+        problems.add("exclude", value, "must be a list of rules, e.g. [{method: rtn, bits: 3}]")
+        return []
+    param_names = {p for m in methods for p in m.params}
+    allowed = AXES + tuple(sorted(param_names))
+    rules = []
+    for i, rule in enumerate(value):
+        if not isinstance(rule, dict) or not rule:
+            problems.add(f"exclude[{i}]", rule, "must be a non-empty mapping, e.g. {method: rtn, bits: 3}")
+            continue
+        for key in rule:
+            if key not in allowed:
+                problems.add(f"exclude[{i}].{key}", _MISSING, f"unknown axis; allowed: {_keys(allowed)}")
+        rules.append({k: (v if isinstance(v, list) else [v]) for k, v in rule.items()})
+    return rules
+
+
+def _check_capabilities(spec: Spec, problems: _Problems) -> None:
+    """Method capabilities against the grid that remains after excludes."""
+    from orchestrator.cells import expand  # expansion needs a valid spec
+
+    reported = set()
+    for cell in expand(spec):
+        info = get_method(cell.method)
+        index = next(i for i, m in enumerate(spec.raw["methods"]) if m.get("name") == cell.method)
+        if info.uses_bits and cell.bits not in info.supported_bits:
+            key = ("bits", cell.method, cell.bits)
+            if key not in reported:
+                reported.add(key)
+                problems.add(f"methods[{index}].bits", cell.bits,
+                             f"'{info.name}' supports {{{_keys(sorted(info.supported_bits))}}}; "
+                             "remove it or add an exclude rule")
+        if info.uses_group_size and not info.supports_group_size(cell.group_size):
+            key = ("group_size", cell.method, cell.group_size)
+            if key not in reported:
+                reported.add(key)
+                problems.add(f"methods[{index}].group_size", cell.group_size,
+                             f"'{info.name}' does not support this group size; remove it or add an exclude rule")
+
+
+def known_tasks() -> list[str]:
+    return sorted(TASKS)
+
+
+def known_methods() -> list[str]:
+    return sorted(METHODS)

@@ -1,0 +1,1 @@
+"""Work done inside an actor: load, quantize, evaluate, profile. Never imports Ray."""

@@ -1,0 +1,1 @@
+"""Evaluation tasks behind the `EvalTask` Protocol. ``registry`` imports no torch."""

@@ -1,0 +1,99 @@
+"""Token-level perplexity over fixed windows (the GPTQ paper's protocol).
+
+Documents are joined with blank lines into one token stream (no special tokens added) and cut
+into windows of ``seq_len`` tokens, capped by the model's context length. With
+``stride == seq_len`` (default) windows do not overlap: each window's first token has no
+context and every other token is scored once. With a smaller stride, windows start every
+``stride`` tokens and each scores only the tokens the previous window did not. ``limit`` caps
+the number of windows. Perplexity = exp(total NLL / scored tokens), natural log.
+
+```yaml
+datasets:
+  - {name: wikitext, path: wiki.test.raw.txt, limit: 64, seq_len: 2048}
+```
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from tasks.errors import DataError
+from tasks.evaluate.base import EvalResult, Metric
+from tasks.evaluate.data import load_texts
+
+
+def token_stream(tokenizer: Any, texts: list[str], needed: int | None) -> list[int]:
+    """Token ids of the joined documents, stopping once ``needed`` tokens are there."""
+    ids: list[int] = []
+    for i, text in enumerate(texts):
+        piece = ("\n\n" if i else "") + text
+        ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        if needed is not None and len(ids) >= needed:
+            break
+    return ids
+
+
+def windows(n_tokens: int, seq_len: int, stride: int, limit: int | None) -> list[tuple[int, int, int]]:
+    """(start, end, first scored position within the window) for each window."""
+    spans, start, scored_to = [], 0, 0
+    while start + seq_len <= n_tokens and (limit is None or len(spans) < limit):
+        end = start + seq_len
+        spans.append((start, end, max(scored_to - start, 1)))
+        scored_to, start = end, start + stride
+    return spans
+
+
+class TokenPerplexity:
+    def evaluate(self, model: Any, tokenizer: Any, dataset: Any) -> EvalResult:
+        settings = dataset.settings
+        context = getattr(model.config, "max_position_embeddings", None) or settings["seq_len"]
+        seq_len = min(settings["seq_len"], context)
+        stride = min(settings["stride"] or seq_len, seq_len)
+        texts = load_texts(dataset.path, settings["split"], settings["text_field"])
+        needed = None if dataset.limit is None else (dataset.limit - 1) * stride + seq_len
+        ids = token_stream(tokenizer, texts, needed)
+        spans = windows(len(ids), seq_len, stride, dataset.limit)
+        if not spans:
+            raise DataError(f"dataset {dataset.path}: {len(ids)} tokens, fewer than one window of {seq_len}")
+        device = next(model.parameters()).device
+        stream = torch.tensor(ids, dtype=torch.long)
+        window_nll, window_tokens = [], []
+        for first in range(0, len(spans), settings["batch_size"]):
+            batch = spans[first:first + settings["batch_size"]]
+            input_ids = torch.stack([stream[s:e] for s, e, _ in batch]).to(device)
+            with torch.inference_mode():
+                logits = model(input_ids).logits.float()
+            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+            token_nll = -logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            for row, (_, _, scored_from) in enumerate(batch):
+                scored = token_nll[row, scored_from - 1:]
+                window_nll.append(scored.sum().item())
+                window_tokens.append(scored.numel())
+        tokens = sum(window_tokens)
+        mean_nll = sum(window_nll) / tokens
+        per_window = [nll / n for nll, n in zip(window_nll, window_tokens)]
+        spread = _stderr(per_window)
+        ppl = math.exp(mean_nll)
+        definition = (f"token-level perplexity, exp(mean NLL per scored token, natural log); "
+                      f"windows of {seq_len} tokens, stride {stride}, {len(spans)} windows, "
+                      f"no special tokens; stderr by the delta method over per-window mean NLL")
+        primary = Metric("token_perplexity", ppl, ppl * spread if spread is not None else None,
+                         len(spans), definition)
+        return EvalResult(primary=primary, metrics=[
+            primary,
+            Metric("token_nll", mean_nll, spread, len(spans),
+                   f"mean NLL per scored token in nats; windows of {seq_len}, stride {stride}"),
+            Metric("tokens_scored", float(tokens), None, len(spans),
+                   f"tokens scored across {len(spans)} windows of {seq_len}, stride {stride}"),
+        ])
+
+
+def _stderr(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return math.sqrt(var / len(values))

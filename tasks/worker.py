@@ -1,0 +1,147 @@
+"""The cell pipeline inside an actor: load → quantize → for each dataset: evaluate, profile.
+
+Knows nothing of Ray; ``run_group`` can be called inline. It never raises for a cell's
+failure: each cell comes back as a partial row (outcome, quality, size, speed, provenance)
+that the driver completes with the cell's identity and writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from orchestrator.cells import Group
+from tasks.errors import NonFiniteError, classify, short_traceback
+from tasks.evaluate.registry import get_task
+from tasks.models import load_model
+from tasks.profile import PeakRSS, Timer, profile_sizes
+from tasks.quantize.registry import get_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    """What an actor keeps between groups: the base model of the model it last served."""
+
+    threads: int | None = None
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    model_loads: int = 0
+    _model_key: tuple | None = None
+    _model: Any = None
+    _tokenizer: Any = None
+
+    def __post_init__(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+    def base_model(self, path: str, dtype: str) -> tuple[Any, Any]:
+        key = (path, dtype)
+        if key != self._model_key:
+            self._model = self._tokenizer = None  # free the previous model before loading
+            self._model, self._tokenizer = load_model(path, dtype, self.device)
+            self._model_key = key
+            self.model_loads += 1
+        return self._model, self._tokenizer
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def versions() -> str:
+    import transformers
+
+    import orchestrator
+
+    return json.dumps({"python": platform.python_version(), "torch": torch.__version__,
+                       "transformers": transformers.__version__, "qsweep": orchestrator.__version__},
+                      sort_keys=True)
+
+
+def _failure(exc: BaseException, stage: str) -> dict[str, Any]:
+    return {"status": "failed", "error_class": classify(exc), "error_stage": stage,
+            "error_message": f"{type(exc).__name__}: {exc}"[:2000],
+            "error_traceback": short_traceback(exc)}
+
+
+def run_group(group: Group, state: WorkerState) -> dict[str, dict[str, Any]]:
+    """Quantize once, then evaluate and profile each dataset; partial rows by cell_id."""
+    head = group.head
+    info = get_method(head.method)
+    started = _now()
+    common: dict[str, Any] = {
+        "host": socket.gethostname(), "actor": f"{os.getpid()}@{socket.gethostname()}",
+        "device": state.device, "torch_threads": torch.get_num_threads(),
+        "gpu_name": torch.cuda.get_device_name() if state.device == "cuda" else None,
+        "versions": versions(), "started_at": started,
+    }
+    log.info("group %s: %s %s bits=%s group_size=%s, %d cells", group.group_id, head.model.name,
+             head.method, head.bits, head.group_size, len(group.cells))
+
+    stage = "load"
+    try:
+        with Timer(state.device) as load_time:
+            base, tokenizer = state.base_model(head.model.path, head.model.dtype)
+            model = copy.deepcopy(base) if info.in_place else base
+        stage = "quantize"
+        with Timer(state.device) as quant_time:
+            config = info.config(**head.params)
+            report = info.load()().quantize(model, None, config, head.bits, head.group_size)
+            _check_finite(model)
+    except Exception as exc:  # noqa: BLE001 - failures are rows
+        log.warning("group %s failed at %s: %s", group.group_id, stage, exc)
+        failed = {**common, **_failure(exc, stage), "model_loads": state.model_loads,
+                  "finished_at": _now()}
+        return {cell.cell_id: dict(failed) for cell in group.cells}
+
+    with Timer(state.device) as profile_time:
+        common |= profile_sizes(model, report)
+    common |= {"time_load_s": load_time.seconds, "time_quantize_s": quant_time.seconds,
+               "time_profile_s": profile_time.seconds}
+
+    rows: dict[str, dict[str, Any]] = {}
+    for cell in group.cells:
+        row = dict(common)
+        try:
+            with PeakRSS() as peak, Timer(state.device) as eval_time:
+                result = get_task(cell.dataset.task).load()().evaluate(model, tokenizer, cell.dataset)
+            _check_metrics(result.metrics)
+            row |= {
+                "status": "ok", "primary_metric": result.primary.metric,
+                "primary_value": result.primary.value, "primary_stderr": result.primary.stderr,
+                "primary_n": result.primary.n,
+                "metrics": [vars(m) for m in result.metrics],
+                "time_evaluate_s": eval_time.seconds,
+                "peak_rss_bytes": peak.rss_bytes,
+            }
+            log.info("cell %s: %s=%.4f", cell.cell_id, result.primary.metric, result.primary.value)
+        except Exception as exc:  # noqa: BLE001 - failures are rows
+            log.warning("cell %s failed at evaluate: %s", cell.cell_id, exc)
+            row |= _failure(exc, "evaluate")
+        row |= {"model_loads": state.model_loads, "finished_at": _now()}
+        rows[cell.cell_id] = row
+    del model
+    return rows
+
+
+def _check_finite(model: Any) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NonFiniteError(f"non-finite values in {name} after quantization")
+
+
+def _check_metrics(metrics: list) -> None:
+    for m in metrics:
+        if not math.isfinite(m.value):
+            raise NonFiniteError(f"metric {m.metric} is {m.value}")
