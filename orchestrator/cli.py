@@ -92,11 +92,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{len({c.group_id for c in plan.cells})} quantization groups; {len(plan.done)} done, "
           f"{len(plan.skipped)} skipped by preflight, {len(plan.pending)} to run")
     for axis in AXES:
-        counts = Counter(str(getattr_axis(c, axis)) for c in plan.cells)
+        counts = Counter(str(c.axis_values()[axis]) for c in plan.cells)
         print(f"  {axis:<11}" + ", ".join(f"{v}: {n}" for v, n in counts.items()))
-    for cell in plan.cells:
-        if cell.cell_id in plan.skipped:
-            print(f"  skip {_label(cell)}: {plan.skipped[cell.cell_id].reason}")
+    reasons = Counter(v.reason for v in plan.skipped.values())
+    for reason, n in reasons.items():
+        example = next(c for c in plan.cells if c.cell_id in plan.skipped
+                       and plan.skipped[c.cell_id].reason == reason)
+        print(f"  skip ({n} cells, e.g. {_label(example)}): {reason}")
     notes = Counter(plan.notes.values())
     for note, n in notes.items():
         print(f"  note ({n} cells): {note}")
@@ -153,14 +155,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     if store.files(spec.name):
         rows = {r["cell_id"]: r["status"] for r in store.read(spec.name, columns=["status"]).to_pylist()}
     states = ("ok", "failed", "timeout", "skipped", "missing")
-    table = defaultdict(Counter)
+    table = {axis: defaultdict(Counter) for axis in AXES}
     for cell in cells:
         state = rows.get(cell.cell_id, "missing")
         for axis in AXES:
-            table[(axis, str(getattr_axis(cell, axis)))][state] += 1
+            table[axis][str(cell.axis_values()[axis])][state] += 1
     total = Counter(rows.get(c.cell_id, "missing") for c in cells)
     print(f"sweep {spec.name}: {len(cells)} cells; " + ", ".join(f"{s}: {total[s]}" for s in states))
-    print(render(["axis", "value", *states], [(a, v, *(c[s] for s in states)) for (a, v), c in table.items()]))
+    print(render(["axis", "value", *states],
+                 [(axis, value, *(counts[s] for s in states))
+                  for axis in AXES for value, counts in table[axis].items()]))
     return EXIT_OK
 
 
@@ -192,10 +196,6 @@ def cmd_query(args: argparse.Namespace) -> int:
 
         print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
     return EXIT_OK
-
-
-def getattr_axis(cell, axis: str):
-    return cell.axis_values()[axis]
 
 
 def _params(cell) -> str:

@@ -163,7 +163,7 @@ def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
 
 
 def _keys(allowed) -> str:
-    return ", ".join(allowed)
+    return ", ".join(str(a) for a in allowed)
 
 
 def _entries(value: Any, field_name: str, problems: _Problems, example: str) -> list[dict]:
