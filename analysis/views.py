@@ -2,6 +2,7 @@
 
 - ``cells``: one row per cell (newest row per ``cell_id`` wins), every column of the row
   schema except the nested ``metrics`` (see ``qsweep query "describe cells"``).
+- ``columns``: every column of the row schema with its type and definition.
 - ``metrics``: long table, one row per (cell, metric): sweep, cell_id, model, method, bits,
   group_size, dataset, metric, value, stderr, n, definition.
 """
@@ -9,7 +10,9 @@
 from __future__ import annotations
 
 import duckdb
+import pyarrow as pa
 
+from orchestrator.schema import COLUMNS
 from orchestrator.store import Store
 
 VIEWS = {
@@ -39,4 +42,9 @@ def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection
     """)
     for sql in VIEWS.values():
         con.execute(sql)
+    con.register("columns", pa.table({
+        "column_name": [name for name, _, _ in COLUMNS],
+        "type": [str(dtype) for _, dtype, _ in COLUMNS],
+        "definition": [doc for _, _, doc in COLUMNS],
+    }))
     return con

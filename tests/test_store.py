@@ -86,3 +86,10 @@ def test_empty_store_has_views(tmp_path):
     assert {"sweep", "cell_id", "model", "method", "bits", "group_size", "dataset", "status",
             "error_class", "error_message", "weight_bytes", "bits_per_weight", "time_load_s",
             "time_quantize_s", "time_evaluate_s", "time_profile_s"} <= columns
+
+
+def test_every_column_has_a_definition(tmp_path):
+    from orchestrator.schema import COLUMNS
+
+    rows = connect(str(tmp_path)).execute("select column_name, definition from columns").fetchall()
+    assert len(rows) == len(COLUMNS) and all(len(doc) > 10 for _, doc in rows)
