@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from orchestrator.schema import SCHEMA_VERSION
@@ -52,11 +53,11 @@ class Cell:
             "schema_version": SCHEMA_VERSION,
         }
 
-    @property
+    @cached_property
     def cell_id(self) -> str:
         return canonical_hash(self.identity())[:24]
 
-    @property
+    @cached_property
     def group_id(self) -> str:
         return canonical_hash({**self.quant_identity(), "schema_version": SCHEMA_VERSION})[:24]
 
@@ -92,6 +93,16 @@ def expand(spec: Spec) -> list[Cell]:
             if not any(_matches(rule, cell) for rule in spec.exclude):
                 cells.setdefault(cell.cell_id, cell)
     return list(cells.values())
+
+
+def count_cells(spec: Spec) -> int:
+    """Cells of the grid before excludes, without building them."""
+    total = 0
+    for variant in spec.methods:
+        info = get_method(variant.name)
+        total += ((len(spec.bits) if info.uses_bits else 1)
+                  * (len(spec.group_sizes) if info.uses_group_size else 1))
+    return total * len(spec.models) * len(spec.datasets)
 
 
 def _matches(rule: dict[str, list], cell: Cell) -> bool:

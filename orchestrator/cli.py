@@ -10,8 +10,9 @@ import argparse
 import logging
 import sys
 from collections import Counter, defaultdict
+from pathlib import Path
 
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec import DEFAULT_MAX_CELLS, SpecError, load_spec
 from orchestrator.store import Store, StoreError
 from orchestrator.table import render
 
@@ -36,23 +37,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="sweep YAML file")
     p.add_argument("--results", default="results", help="results directory, to show what is done (default: ./results)")
     p.add_argument("--cells", action="store_true", help="list every cell")
+    _max_cells(p)
 
     p = sub.add_parser("run", help="run every cell that has no ok row yet",
                        description="Run SPEC on Ray (embedded locally, or the cluster at "
                        "RAY_ADDRESS). Cells with an ok row are not run again.")
     p.add_argument("spec", help="sweep YAML file")
     p.add_argument("--results", default="results", help="results directory (default: ./results)")
-    p.add_argument("--gpus", type=int, default=None,
+    p.add_argument("--gpus", type=_nonnegative, default=None,
                    help="GPUs for the embedded Ray (default: detected; logical GPUs for tests)")
-    p.add_argument("--cpu-actors", type=int, default=None,
+    p.add_argument("--cpu-actors", type=_positive, default=None,
                    help="CPU actors when there is no GPU (default: the spec's cpu_actors, 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="show actor logs")
+    _max_cells(p)
 
     p = sub.add_parser("status", help="done / failed / skipped / missing per axis",
                        description="Count, for each axis value of SPEC, the cells that are done "
                        "(ok), failed, skipped or missing in the store.")
     p.add_argument("spec", help="sweep YAML file")
+    p.add_argument("--results", default="results", help="results directory (default: ./results)")
+    _max_cells(p)
+
+    p = sub.add_parser("compact", help="merge a sweep's per-cell files into a few files",
+                       description="Merge the per-cell Parquet files of SWEEP (default: every "
+                       "sweep in the store) into a few files, newest row per cell. Safe to kill; "
+                       "also run at the end of every `qsweep run`.")
+    p.add_argument("sweep", nargs="?", help="sweep name (default: all)")
     p.add_argument("--results", default="results", help="results directory (default: ./results)")
 
     p = sub.add_parser("query", help="SQL over the results (views: cells, metrics)",
@@ -63,6 +74,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results directory (default: ./results)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _max_cells(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-cells", type=_positive, default=DEFAULT_MAX_CELLS,
+                   help=f"refuse specs that expand past this many cells (default {DEFAULT_MAX_CELLS:,})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.driver import make_plan
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, max_cells=args.max_cells)
     plan = make_plan(spec, Store(args.results))
     print(f"sweep {spec.name}: {len(plan.cells)} cells in "
           f"{len({c.group_id for c in plan.cells})} quantization groups; {len(plan.done)} done, "
@@ -113,7 +149,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.driver import run_sweep
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, max_cells=args.max_cells)
     store = Store(args.results)
     try:
         result = run_sweep(spec, store, gpus=args.gpus, cpu_actors=args.cpu_actors,
@@ -146,7 +182,7 @@ def summary_table(results: str, sweep: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, max_cells=args.max_cells)
     from orchestrator.cells import expand
 
     cells = expand(spec)
@@ -165,6 +201,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(render(["axis", "value", *states],
                  [(axis, value, *(counts[s] for s in states))
                   for axis in AXES for value, counts in table[axis].items()]))
+    return EXIT_OK
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    store = Store(args.results)
+    sweeps = [args.sweep] if args.sweep else sorted({Path(f).parent.parent.name for f in store.files()})
+    if args.sweep and not store.files(args.sweep):
+        print(f"qsweep compact: no rows for sweep '{args.sweep}' in {store.root}", file=sys.stderr)
+        return EXIT_USAGE
+    for sweep in sweeps:
+        files_in, files_out = store.compact(sweep)
+        print(f"{sweep}: {files_in} files -> {files_out}")
     return EXIT_OK
 
 
@@ -206,7 +254,8 @@ def _label(cell) -> str:
     return f"{cell.model.name}/{cell.method}[{_params(cell)}]/b{cell.bits}/g{cell.group_size}/{cell.dataset.name}"
 
 
-COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "query": cmd_query}
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "compact": cmd_compact,
+            "query": cmd_query}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -76,14 +76,6 @@ def skipped_row(cell: Cell, verdict: Any, sweep_hash: str) -> dict[str, Any]:
         "finished_at": now}, sweep_hash, attempts=0)
 
 
-def crash_rows(group: Group, exc: BaseException, sweep_hash: str) -> list[dict[str, Any]]:
-    now = dt.datetime.now(dt.timezone.utc)
-    return [complete_row(cell, {
-        "status": "failed", "error_class": "crash", "error_stage": "load",
-        "error_message": f"the actor process died: {type(exc).__name__}: {str(exc)[:1500]}",
-        "started_at": now, "finished_at": now}, sweep_hash, attempts=1) for cell in group.cells]
-
-
 @dataclass
 class RunResult:
     ran: int
@@ -92,9 +84,26 @@ class RunResult:
     wall_s: float
 
 
+@dataclass
+class Running:
+    """A group streaming its cells' rows back from one actor."""
+
+    actor: Any
+    group: Group
+    remaining: list[Cell]
+    deadline: float | None
+    got_any: bool = False
+
+
 def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int | None = None,
               progress: bool = True, verbose: bool = False) -> RunResult:
-    """Run every cell of ``spec`` that has no ``ok`` row in ``store``."""
+    """Run every cell of ``spec`` that has no ``ok`` row in ``store``.
+
+    Rows stream back cell by cell and are written as they arrive, so killing the driver or an
+    actor loses at most the cells in flight. A dead actor (``crash``) or a cell past
+    ``timeout_s`` (the actor is killed: Ray cannot cancel a running method) is retried on a
+    fresh actor up to ``retries``; then its row records what happened.
+    """
     started = time.perf_counter()
     store.check_writable(spec.name)
     plan = make_plan(spec, store)
@@ -105,11 +114,11 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
     if plan.skipped and store.files(spec.name):
         table = store.read(spec.name, columns=["cell_id", "status", "error_message"])
         existing_skips = {(r["cell_id"], r["error_message"]) for r in table.to_pylist() if r["status"] == "skipped"}
-    skip_rows = [skipped_row(c, plan.skipped[c.cell_id], spec_hash(spec)) for c in plan.cells
+    skip_rows = [skipped_row(c, plan.skipped[c.cell_id], sweep_hash) for c in plan.cells
                  if c.cell_id in plan.skipped
                  and (c.cell_id, plan.skipped[c.cell_id].reason) not in existing_skips]
     store.write_rows(skip_rows)
-    statuses["skipped"] += len(skip_rows)
+    statuses.update(r["status"] for r in skip_rows)
 
     groups = group_cells(plan.pending)
     if not groups:
@@ -120,42 +129,102 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
     from tqdm import tqdm
 
     _init_ray(gpus, verbose)
+    written = len(skip_rows)
     try:
         pool = ActorPool(len(groups), cpu_actors or spec.cpu_actors)
-        actors = [pool.start() for _ in range(pool.size)]
+        idle = pool.start_many(pool.size)
         bar = tqdm(total=len(plan.pending), unit="cell", desc=f"sweep {spec.name}", disable=not progress)
         queue = list(groups)
-        running: dict[Any, tuple[Any, Group]] = {}
-        last_model: dict[Any, str] = {}
-        idle = list(actors)
-        written = len(skip_rows)
-        while queue or running:
-            while idle and queue:
-                actor = idle.pop()
-                group = _next_group(queue, last_model.get(actor))
-                last_model[actor] = group.head.model.path
-                running[actor.run_group.remote(group)] = (actor, group)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            actor, group = running.pop(ready[0])
-            try:
-                partials = ray.get(ready[0])
-                rows = [complete_row(c, partials[c.cell_id], sweep_hash, attempts=1) for c in group.cells]
-                idle.append(actor)
-            except ray.exceptions.RayActorError as exc:
-                log.warning("actor died running group %s; replacing it", group.group_id)
-                rows = crash_rows(group, exc, sweep_hash)
-                idle.append(pool.start())
+        running: dict[Any, Running] = {}
+        held_model: dict[Any, str] = {}
+        tries: Counter = Counter()  # attempts per cell ended by a crash or a timeout
+
+        def record(rows: list[dict[str, Any]]) -> None:
+            nonlocal written
             store.write_rows(rows)
             written += len(rows)
             statuses.update(r["status"] for r in rows)
             bar.update(len(rows))
             bar.set_postfix({k: v for k, v in statuses.items() if v})
+
+        def lost(run: Running, error_class: str, message: str) -> None:
+            """The actor is gone mid-group: blame the cell in flight (all remaining ones if
+            none came back yet), retry within budget, requeue the rest."""
+            blamed = run.remaining if not run.got_any else run.remaining[:1]
+            rows = []
+            for cell in blamed:
+                tries[cell.cell_id] += 1
+                if tries[cell.cell_id] > spec.retries[error_class]:
+                    stage = "evaluate" if run.got_any else "quantize"
+                    rows.append(failure_row(cell, error_class, stage, message, sweep_hash,
+                                            tries[cell.cell_id]))
+            record(rows)
+            done = {r["cell_id"] for r in rows}
+            rest = tuple(c for c in run.remaining if c.cell_id not in done)
+            if rest:
+                queue.insert(0, Group(group_id=run.group.group_id, cells=rest))
+
+        while queue or running:
+            while idle and queue:
+                actor = idle.pop()
+                group = _next_group(queue, held_model.get(actor))
+                held_model[actor] = group.head.model.path
+                stream = actor.run_group.options(num_returns="streaming").remote(
+                    group, spec.retries["oom"])
+                deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
+                running[stream] = Running(actor, group, list(group.cells), deadline)
+            deadlines = [r.deadline for r in running.values() if r.deadline is not None]
+            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)
+            if not ready:
+                now = time.monotonic()
+                for stream, run in list(running.items()):
+                    if run.deadline is not None and run.deadline <= now:
+                        log.warning("group %s passed timeout_s=%s; killing its actor",
+                                    run.group.group_id, spec.timeout_s)
+                        del running[stream]
+                        ray.kill(run.actor, no_restart=True)
+                        lost(run, "timeout", f"no result within timeout_s={spec.timeout_s}; "
+                             "the actor was killed")
+                        idle.extend(pool.start_many(1))
+                continue
+            stream = ready[0]
+            run = running[stream]
+            try:
+                cell_id, partial = ray.get(next(stream))
+            except StopIteration:
+                del running[stream]
+                idle.append(run.actor)
+                continue
+            except ray.exceptions.RayActorError as exc:
+                log.warning("actor died running group %s; replacing it", run.group.group_id)
+                del running[stream]
+                lost(run, "crash", f"the actor process died: {type(exc).__name__}: {str(exc)[:1000]}")
+                idle.extend(pool.start_many(1))
+                continue
+            cell = next(c for c in run.remaining if c.cell_id == cell_id)
+            run.remaining.remove(cell)
+            run.got_any = True
+            if spec.timeout_s:
+                run.deadline = time.monotonic() + spec.timeout_s
+            attempts = tries[cell_id] + partial.pop("attempts", 1)
+            record([complete_row(cell, partial, sweep_hash, attempts)])
         bar.close()
     finally:
         if not os.environ.get("RAY_ADDRESS"):
             ray.shutdown()
+    store.compact(spec.name)
     return RunResult(ran=len(plan.pending), rows_written=written, statuses=statuses,
                      wall_s=time.perf_counter() - started)
+
+
+def failure_row(cell: Cell, error_class: str, stage: str, message: str, sweep_hash: str,
+                attempts: int) -> dict[str, Any]:
+    now = dt.datetime.now(dt.timezone.utc)
+    return complete_row(cell, {
+        "status": "timeout" if error_class == "timeout" else "failed", "error_class": error_class,
+        "error_stage": stage, "error_message": message, "started_at": now, "finished_at": now},
+        sweep_hash, attempts=attempts)
 
 
 def _next_group(queue: list[Group], model_path: str | None) -> Group:
@@ -177,8 +246,10 @@ def _init_ray(gpus: int | None, verbose: bool) -> None:
         # A cluster knows its own GPUs: never pass num_gpus when connecting.
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose)
     else:
+        # Embedded: loopback only, no dashboard.
         ray.init(address="local", num_gpus=gpus, include_dashboard=False,
-                 runtime_env=runtime_env, log_to_driver=verbose, logging_level=logging.WARNING)
+                 _node_ip_address="127.0.0.1", runtime_env=runtime_env,
+                 log_to_driver=verbose, logging_level=logging.WARNING)
 
 
 class CellActor:
@@ -190,10 +261,14 @@ class CellActor:
 
         self.state = WorkerState(threads=threads)
 
-    def run_group(self, group: Group) -> dict[str, dict[str, Any]]:
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run_group(self, group: Group, oom_retries: int):
+        """Streams ``(cell_id, partial row)`` per finished cell (``num_returns="streaming"``)."""
         from tasks.worker import run_group
 
-        return run_group(group, self.state)
+        yield from run_group(group, self.state, oom_retries)
 
 
 class ActorPool:
@@ -213,5 +288,12 @@ class ActorPool:
             self.options = {"num_cpus": max(1, n_cpus // self.size)}
         self._remote = ray.remote(CellActor)
 
-    def start(self) -> Any:
-        return self._remote.options(**self.options).remote(self.options["num_cpus"])
+    def start_many(self, count: int, timeout_s: float = 600) -> list[Any]:
+        """Start actors and wait until each has imported its libraries, so that no timeout
+        clock runs while an actor is still starting."""
+        import ray
+
+        actors = [self._remote.options(**self.options).remote(self.options["num_cpus"])
+                  for _ in range(count)]
+        ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
+        return actors

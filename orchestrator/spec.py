@@ -6,6 +6,7 @@ the YAML file and the torch-free method and task registries.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -30,9 +31,14 @@ TOP_LEVEL_KEYS = {
     "exclude": "list of {axis: value | [values]} rules; a cell matching every key is dropped",
     "seed": "integer seed recorded in every cell (default 0)",
     "cpu_actors": "number of CPU actors when the cluster has no GPU (default 1)",
+    "retries": "{crash: 2, oom: 2, timeout: 0}: retries per failure class",
+    "timeout_s": "hard limit in seconds per cell (the first cell of a group includes load and quantize)",
 }
+RETRYABLE = {"crash": 2, "oom": 2, "timeout": 0}
+DETERMINISTIC = ("shape", "unsupported", "data", "nan", "error")
+DEFAULT_MAX_CELLS = 1_000_000
 DTYPES = ("float32", "float16", "bfloat16")
-MODEL_KEYS = ("name", "path", "dtype")
+MODEL_KEYS = ("name", "path", "dtype", "trust_remote_code")
 DATASET_KEYS = ("name", "task", "path", "limit")
 CALIBRATION_KEYS = ("dataset", "samples", "seq_len")
 AXES = ("model", "method", "bits", "group_size", "dataset")
@@ -52,6 +58,7 @@ class ModelEntry:
     name: str
     path: str
     dtype: str
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,8 @@ class Spec:
     exclude: tuple[dict[str, Any], ...]
     seed: int
     cpu_actors: int
+    retries: dict[str, int]
+    timeout_s: float | None
     raw: dict[str, Any] = field(repr=False, compare=False)
 
 
@@ -100,7 +109,7 @@ class _Problems:
 _MISSING = object()
 
 
-def load_spec(path: str | Path) -> Spec:
+def load_spec(path: str | Path, max_cells: int = DEFAULT_MAX_CELLS) -> Spec:
     """Read and validate a spec file; raises SpecError listing every problem."""
     path = Path(path)
     if not path.is_file():
@@ -109,10 +118,10 @@ def load_spec(path: str | Path) -> Spec:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpecError([f"{path}: not valid YAML: {exc}"]) from None
-    return parse_spec(raw, source=str(path))
+    return parse_spec(raw, source=str(path), max_cells=max_cells)
 
 
-def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
+def parse_spec(raw: Any, source: str = "<spec>", max_cells: int = DEFAULT_MAX_CELLS) -> Spec:
     """Validate a spec given as data; raises SpecError listing every problem."""
     problems = _Problems(source)
     if not isinstance(raw, dict):
@@ -120,7 +129,7 @@ def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
         raise SpecError(problems.items)
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
-            problems.add(str(key), _MISSING, f"unknown key; allowed: {_keys(TOP_LEVEL_KEYS)}")
+            problems.add(str(key), _MISSING, _unknown(key, TOP_LEVEL_KEYS))
 
     name = raw.get("name", _MISSING)
     if name is _MISSING:
@@ -148,15 +157,22 @@ def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
     if not isinstance(cpu_actors, int) or isinstance(cpu_actors, bool) or cpu_actors < 1:
         problems.add("cpu_actors", cpu_actors, "must be an integer >= 1")
 
+    retries = _parse_retries(raw.get("retries", {}), problems)
+    timeout_s = raw.get("timeout_s")
+    if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
+                                  or timeout_s <= 0):
+        problems.add("timeout_s", timeout_s, "must be a positive number of seconds (or omitted for no limit)")
+
     if problems.items:
         raise SpecError(problems.items)
     spec = Spec(
         source=source, name=name, models=tuple(models), methods=tuple(methods),
         bits=tuple(bits), group_sizes=tuple(group_sizes), datasets=tuple(datasets),
         calibration=calibration, exclude=tuple(exclude), seed=seed, cpu_actors=cpu_actors,
-        raw=raw,
+        retries=retries, timeout_s=timeout_s, raw=raw,
     )
-    _check_capabilities(spec, problems)
+    _check_exclude_values(spec, problems)
+    _check_capabilities(spec, problems, max_cells)
     if problems.items:
         raise SpecError(problems.items)
     return spec
@@ -164,6 +180,12 @@ def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
 
 def _keys(allowed) -> str:
     return ", ".join(str(a) for a in allowed)
+
+
+def _unknown(key: Any, allowed) -> str:
+    close = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown key; {hint}allowed: {_keys(allowed)}"
 
 
 def _entries(value: Any, field_name: str, problems: _Problems, example: str) -> list[dict]:
@@ -188,7 +210,7 @@ def _parse_models(value: Any, problems: _Problems) -> list[ModelEntry]:
         where = f"models[{i}]"
         for key in entry:
             if key not in MODEL_KEYS:
-                problems.add(f"{where}.{key}", _MISSING, f"unknown key; allowed: {_keys(MODEL_KEYS)}")
+                problems.add(f"{where}.{key}", _MISSING, _unknown(key, MODEL_KEYS))
         name, path = entry["name"], entry.get("path")
         if path is None and name not in KNOWN_MODELS:
             problems.add(f"{where}.path", _MISSING,
@@ -199,9 +221,13 @@ def _parse_models(value: Any, problems: _Problems) -> list[ModelEntry]:
         dtype = entry.get("dtype", "float32")
         if dtype not in DTYPES:
             problems.add(f"{where}.dtype", dtype, f"allowed: {_keys(DTYPES)}")
+        trust = entry.get("trust_remote_code", False)
+        if not isinstance(trust, bool):
+            problems.add(f"{where}.trust_remote_code", trust, "must be true or false (default false)")
         if any(m.name == name for m in models):
             problems.add(f"{where}.name", name, "duplicate model name; names must be unique")
-        models.append(ModelEntry(name=str(name), path=path or f"known:{name}", dtype=dtype))
+        models.append(ModelEntry(name=str(name), path=path or f"known:{name}", dtype=dtype,
+                                 trust_remote_code=trust is True))
     return models
 
 
@@ -219,7 +245,9 @@ def _parse_methods(value: Any, problems: _Problems) -> list[MethodVariant]:
         for key in list(params):
             if key not in fields:
                 allowed = _keys(fields) if fields else "none (this method takes no parameters)"
-                problems.add(f"{where}.{key}", _MISSING, f"unknown parameter of '{info.name}'; allowed: {allowed}")
+                close = difflib.get_close_matches(key, list(fields), n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                problems.add(f"{where}.{key}", _MISSING, f"unknown parameter of '{info.name}'; {hint}allowed: {allowed}")
                 params.pop(key)
         axes = {k: (v if isinstance(v, list) else [v]) for k, v in params.items()}
         if any(len(v) == 0 for v in axes.values()):
@@ -298,7 +326,7 @@ def _parse_datasets(value: Any, problems: _Problems) -> list[DatasetEntry]:
                 loc = ".".join(str(p) for p in err["loc"])
                 if err["type"] == "extra_forbidden":
                     allowed = _keys(DATASET_KEYS + tuple(task.config.model_fields))
-                    problems.add(f"{where}.{loc}", _MISSING, f"unknown key for task '{task.name}'; allowed: {allowed}")
+                    problems.add(f"{where}.{loc}", _MISSING, f"unknown key for task '{task.name}'; " + _unknown(loc, allowed.split(", ")).removeprefix("unknown key; "))
                 else:
                     problems.add(f"{where}.{loc}", err.get("input"), _pydantic_message(err, task.config))
             continue
@@ -321,7 +349,7 @@ def _parse_calibration(value: Any, needed_by: list[str], problems: _Problems) ->
         return None
     for key in value:
         if key not in CALIBRATION_KEYS:
-            problems.add(f"calibration.{key}", _MISSING, f"unknown key; allowed: {_keys(CALIBRATION_KEYS)}")
+            problems.add(f"calibration.{key}", _MISSING, _unknown(key, CALIBRATION_KEYS))
     if not isinstance(value.get("dataset"), str):
         problems.add("calibration.dataset", value.get("dataset", _MISSING), "a dataset name or path is required")
     for key, default in (("samples", 128), ("seq_len", 512)):
@@ -345,17 +373,62 @@ def _parse_exclude(value: Any, methods: list[MethodVariant], problems: _Problems
             continue
         for key in rule:
             if key not in allowed:
-                problems.add(f"exclude[{i}].{key}", _MISSING, f"unknown axis; allowed: {_keys(allowed)}")
+                problems.add(f"exclude[{i}].{key}", _MISSING, "unknown axis; " + _unknown(key, allowed).removeprefix("unknown key; "))
         rules.append({k: (v if isinstance(v, list) else [v]) for k, v in rule.items()})
     return rules
 
 
-def _check_capabilities(spec: Spec, problems: _Problems) -> None:
-    """Method capabilities against the grid that remains after excludes."""
-    from orchestrator.cells import expand  # expansion needs a valid spec
+def _parse_retries(value: Any, problems: _Problems) -> dict[str, int]:
+    if not isinstance(value, dict):
+        problems.add("retries", value, "must be a mapping, e.g. {crash: 2, oom: 2, timeout: 0}")
+        return dict(RETRYABLE)
+    retries = dict(RETRYABLE)
+    for key, count in value.items():
+        if key in DETERMINISTIC:
+            problems.add(f"retries.{key}", count, f"'{key}' failures are deterministic and never "
+                         f"retried; retryable: {_keys(RETRYABLE)}")
+        elif key not in RETRYABLE:
+            problems.add(f"retries.{key}", _MISSING, "unknown failure class; " + _unknown(key, RETRYABLE).removeprefix("unknown key; "))
+        elif not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= 10:
+            problems.add(f"retries.{key}", count, "must be an integer from 0 to 10")
+        else:
+            retries[key] = count
+    return retries
 
+
+def _check_exclude_values(spec: Spec, problems: _Problems) -> None:
+    """An exclude value that is not on its axis is a typo or a stale rule: say so."""
+    axis_values = {
+        "model": {m.name for m in spec.models}, "method": {m.name for m in spec.methods},
+        "bits": set(spec.bits), "group_size": set(spec.group_sizes),
+        "dataset": {d.name for d in spec.datasets},
+    }
+    for variant in spec.methods:
+        for key, value in variant.params.items():
+            axis_values.setdefault(key, set()).add(value)
+    for i, rule in enumerate(spec.exclude):
+        for key, values in rule.items():
+            for value in values:
+                if key in axis_values and value not in axis_values[key]:
+                    shown = ", ".join(sorted(repr(v) for v in axis_values[key]))
+                    problems.add(f"exclude[{i}].{key}", value, f"not a value of this axis in the spec ({shown}); fix or remove the rule")
+
+
+def _check_capabilities(spec: Spec, problems: _Problems, max_cells: int) -> None:
+    """Grid size and method capabilities against the grid that remains after excludes."""
+    from orchestrator.cells import count_cells, expand  # expansion needs a valid spec
+
+    total = count_cells(spec)
+    if total > max_cells:
+        problems.add("(grid)", total, f"the spec expands to {total:,} cells before excludes, over the cap of "
+                     f"{max_cells:,}; narrow an axis or pass --max-cells {total}")
+        return
+    cells = expand(spec)
+    if not cells:
+        problems.add("exclude", _MISSING, "the spec expands to zero cells: the exclude rules "
+                     "remove every cell; loosen a rule")
     reported = set()
-    for cell in expand(spec):
+    for cell in cells:
         info = get_method(cell.method)
         index = next(i for i, m in enumerate(spec.raw["methods"]) if m.get("name") == cell.method)
         if info.uses_bits and cell.bits not in info.supported_bits:

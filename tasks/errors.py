@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import traceback
 
 
@@ -21,7 +23,8 @@ def classify(exc: BaseException) -> str:
     """Map an exception to one of the row's error classes."""
     import torch  # the worker side only
 
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+    text = str(exc).lower()
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
         return "oom"
     if isinstance(exc, (DataError, FileNotFoundError)):
         return "data"
@@ -38,3 +41,15 @@ def classify(exc: BaseException) -> str:
 def short_traceback(exc: BaseException, limit: int = 4000) -> str:
     text = "".join(traceback.format_exception(exc))
     return text if len(text) <= limit else "…" + text[-limit:]
+
+
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Replace the value of every secret-looking environment variable (HF_TOKEN, AWS keys, ...)
+    with ``***``, so tokens never land in rows or logs."""
+    for name, value in os.environ.items():
+        if SECRET_NAME.search(name) and len(value) >= 6:
+            text = text.replace(value, "***")
+    return re.sub(r"hf_[A-Za-z0-9]{20,}", "hf_***", text)

@@ -68,8 +68,9 @@ def prepare_known_model(name: str) -> Path:
     return target
 
 
-def load_model(path: str, dtype: str, device: str) -> tuple[Any, Any]:
-    """Model (eval mode, on ``device``) and tokenizer."""
+def load_model(path: str, dtype: str, device: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Model (eval mode, on ``device``) and tokenizer. Remote code runs only when the spec's
+    model entry sets ``trust_remote_code: true``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,8 +78,9 @@ def load_model(path: str, dtype: str, device: str) -> tuple[Any, Any]:
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(local).is_dir():
         raise DataError(f"model path {local!r} is not a local directory and HF_HUB_OFFLINE=1; "
                         "give a local directory or allow hub access")
-    tokenizer = AutoTokenizer.from_pretrained(local)
-    model = AutoModelForCausalLM.from_pretrained(local, dtype=getattr(torch, DTYPES[dtype]))
+    tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=getattr(torch, DTYPES[dtype]),
+                                                 trust_remote_code=trust_remote_code)
     model.to(device)
     model.eval()
     return model, tokenizer

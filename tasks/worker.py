@@ -15,13 +15,14 @@ import math
 import os
 import platform
 import socket
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from orchestrator.cells import Group
-from tasks.errors import NonFiniteError, classify, short_traceback
+from tasks.errors import NonFiniteError, classify, redact, short_traceback
 from tasks.evaluate.registry import get_task
 from tasks.models import load_model
 from tasks.profile import PeakRSS, Timer, profile_sizes
@@ -45,11 +46,11 @@ class WorkerState:
         if self.threads:
             torch.set_num_threads(self.threads)
 
-    def base_model(self, path: str, dtype: str) -> tuple[Any, Any]:
-        key = (path, dtype)
+    def base_model(self, path: str, dtype: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+        key = (path, dtype, trust_remote_code)
         if key != self._model_key:
             self._model = self._tokenizer = None  # free the previous model before loading
-            self._model, self._tokenizer = load_model(path, dtype, self.device)
+            self._model, self._tokenizer = load_model(path, dtype, self.device, trust_remote_code)
             self._model_key = key
             self.model_loads += 1
         return self._model, self._tokenizer
@@ -71,20 +72,24 @@ def versions() -> str:
 
 def _failure(exc: BaseException, stage: str) -> dict[str, Any]:
     return {"status": "failed", "error_class": classify(exc), "error_stage": stage,
-            "error_message": f"{type(exc).__name__}: {exc}"[:2000],
-            "error_traceback": short_traceback(exc)}
+            "error_message": redact(f"{type(exc).__name__}: {exc}")[:2000],
+            "error_traceback": redact(short_traceback(exc))}
 
 
-def run_group(group: Group, state: WorkerState) -> dict[str, dict[str, Any]]:
-    """Quantize once, then evaluate and profile each dataset; partial rows by cell_id."""
+def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Quantize once, then evaluate and profile each dataset.
+
+    Yields ``(cell_id, partial row)`` as each cell finishes, so a caller (the Ray actor streams
+    them) keeps every finished cell even if a later one kills the process.
+    """
     head = group.head
     info = get_method(head.method)
-    started = _now()
     common: dict[str, Any] = {
         "host": socket.gethostname(), "actor": f"{os.getpid()}@{socket.gethostname()}",
         "device": state.device, "torch_threads": torch.get_num_threads(),
         "gpu_name": torch.cuda.get_device_name() if state.device == "cuda" else None,
-        "versions": versions(), "started_at": started,
+        "versions": versions(), "started_at": _now(),
     }
     log.info("group %s: %s %s bits=%s group_size=%s, %d cells", group.group_id, head.model.name,
              head.method, head.bits, head.group_size, len(group.cells))
@@ -92,7 +97,8 @@ def run_group(group: Group, state: WorkerState) -> dict[str, dict[str, Any]]:
     stage = "load"
     try:
         with Timer(state.device) as load_time:
-            base, tokenizer = state.base_model(head.model.path, head.model.dtype)
+            base, tokenizer = state.base_model(head.model.path, head.model.dtype,
+                                               head.model.trust_remote_code)
             model = copy.deepcopy(base) if info.in_place else base
         stage = "quantize"
         with Timer(state.device) as quant_time:
@@ -101,38 +107,58 @@ def run_group(group: Group, state: WorkerState) -> dict[str, dict[str, Any]]:
             _check_finite(model)
     except Exception as exc:  # noqa: BLE001 - failures are rows
         log.warning("group %s failed at %s: %s", group.group_id, stage, exc)
-        failed = {**common, **_failure(exc, stage), "model_loads": state.model_loads,
-                  "finished_at": _now()}
-        return {cell.cell_id: dict(failed) for cell in group.cells}
+        failed = {**common, **_failure(exc, stage), "attempts": 1,
+                  "model_loads": state.model_loads, "finished_at": _now()}
+        for cell in group.cells:
+            yield cell.cell_id, dict(failed)
+        return
 
     with Timer(state.device) as profile_time:
         common |= profile_sizes(model, report)
     common |= {"time_load_s": load_time.seconds, "time_quantize_s": quant_time.seconds,
                "time_profile_s": profile_time.seconds}
 
-    rows: dict[str, dict[str, Any]] = {}
     for cell in group.cells:
         row = dict(common)
-        try:
-            with PeakRSS() as peak, Timer(state.device) as eval_time:
-                result = get_task(cell.dataset.task).load()().evaluate(model, tokenizer, cell.dataset)
-            _check_metrics(result.metrics)
-            row |= {
-                "status": "ok", "primary_metric": result.primary.metric,
-                "primary_value": result.primary.value, "primary_stderr": result.primary.stderr,
-                "primary_n": result.primary.n,
-                "metrics": [vars(m) for m in result.metrics],
-                "time_evaluate_s": eval_time.seconds,
-                "peak_rss_bytes": peak.rss_bytes,
-            }
-            log.info("cell %s: %s=%.4f", cell.cell_id, result.primary.metric, result.primary.value)
-        except Exception as exc:  # noqa: BLE001 - failures are rows
-            log.warning("cell %s failed at evaluate: %s", cell.cell_id, exc)
-            row |= _failure(exc, "evaluate")
-        row |= {"model_loads": state.model_loads, "finished_at": _now()}
-        rows[cell.cell_id] = row
+        dataset, attempts = cell.dataset, 0
+        while True:
+            attempts += 1
+            try:
+                with PeakRSS() as peak, Timer(state.device) as eval_time:
+                    result = get_task(dataset.task).load()().evaluate(model, tokenizer, dataset)
+                _check_metrics(result.metrics)
+                row |= {
+                    "status": "ok", "primary_metric": result.primary.metric,
+                    "primary_value": result.primary.value, "primary_stderr": result.primary.stderr,
+                    "primary_n": result.primary.n,
+                    "metrics": [vars(m) for m in result.metrics],
+                    "time_evaluate_s": eval_time.seconds,
+                    "peak_rss_bytes": peak.rss_bytes,
+                }
+                log.info("cell %s: %s=%.4f", cell.cell_id, result.primary.metric, result.primary.value)
+                break
+            except Exception as exc:  # noqa: BLE001 - failures are rows
+                batch = dataset.settings.get("batch_size", 1)
+                if classify(exc) == "oom" and attempts <= oom_retries and batch > 1:
+                    log.warning("cell %s: out of memory at batch %d; retrying at %d",
+                                cell.cell_id, batch, batch // 2)
+                    dataset = replace(dataset, settings=dataset.settings | {"batch_size": batch // 2})
+                    _free_memory(state.device)
+                    continue
+                log.warning("cell %s failed at evaluate: %s", cell.cell_id, exc)
+                row |= _failure(exc, "evaluate")
+                break
+        row |= {"attempts": attempts, "model_loads": state.model_loads, "finished_at": _now()}
+        yield cell.cell_id, row
     del model
-    return rows
+
+
+def _free_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def _check_finite(model: Any) -> None:
