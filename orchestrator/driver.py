@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.cells import Cell, Group, expand, group_cells, identity_columns
-from orchestrator.preflight import check
-from orchestrator.spec import Spec
+from orchestrator.preflight import check, host_memory_bytes, model_facts, spec_problems
+from orchestrator.spec import Spec, SpecError
 from orchestrator.store import Store
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,19 @@ class Plan:
 
 def make_plan(spec: Spec, store: Store | None) -> Plan:
     cells = expand(spec)
+    facts = {model.path: model_facts(model.path) for model in spec.models}
+    problems = spec_problems(spec, facts)
+    if problems:
+        raise SpecError(problems)
+    memory = host_memory_bytes()
     existing = {}
     if store is not None and store.files(spec.name):
         table = store.read(spec.name, columns=["cell_id", "status", "error_message"])
         existing = {r["cell_id"]: r for r in table.to_pylist()}
     done = {cid for cid, r in existing.items() if r["status"] in DONE_STATUSES}
-    skipped, notes, pending, widths = {}, {}, [], {}
+    skipped, notes, pending = {}, {}, []
     for cell in cells:
-        verdict = check(cell, widths)
+        verdict = check(cell, facts[cell.model.path], memory)
         if verdict.note:
             notes[cell.cell_id] = verdict.note
         if verdict.skip:
@@ -246,9 +251,8 @@ def _init_ray(gpus: int | None, verbose: bool) -> None:
         # A cluster knows its own GPUs: never pass num_gpus when connecting.
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose)
     else:
-        # Embedded: loopback only, no dashboard.
-        ray.init(address="local", num_gpus=gpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", runtime_env=runtime_env,
+        # Embedded: no dashboard; Ray 2.60 turns token auth on for it.
+        ray.init(address="local", num_gpus=gpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=verbose, logging_level=logging.WARNING)
 
 

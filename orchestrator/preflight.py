@@ -1,22 +1,40 @@
-"""Per-cell checks that need no GPU and no model weights.
+"""Checks before any GPU time, from model configs (never weights), files and memory.
 
-A cell that cannot run becomes a ``skipped`` row with its reason, never a crash; cells that
-will run with a fallback are noted so ``qsweep plan`` can show them.
+- Spec-level problems (``spec_problems``): a group size that divides none of a model's layer
+  widths is an error (every layer would take the fallback); ``qsweep plan`` exits 2.
+- Cell-level verdicts (``check``): a cell that cannot run — missing model directory, dataset
+  or calibration file, a group size the method cannot fall back from, more memory than the
+  host has — becomes a ``skipped`` row with its reason, never a crash; cells that will run
+  with a fallback get a note.
+
+Model facts come from ``config.json`` of a local directory, or from the GGUF header of a
+catalogued model; for a hub id not on disk the checks are deferred (a note says so).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.cells import Cell
+from orchestrator.spec import Spec
 from tasks.catalog import KNOWN_MODELS
 from tasks.quantize.registry import get_method
 
-# Layer input widths of a decoder config: attention/MLP inputs (hidden) and MLP down (intermediate).
 WIDTH_KEYS = ("hidden_size", "intermediate_size")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    widths: dict[str, int]  # input widths of the linear layers, by config key
+    params: int | None  # parameter count, when known without loading weights
 
 
 @dataclass(frozen=True)
@@ -31,22 +49,91 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix in {".txt", ".jsonl", ".json", ".parquet"}
 
 
-def model_widths(path: str) -> dict[str, int] | None:
-    """Input widths of the model's linear layers from its config.json, when it is at hand."""
+def model_facts(path: str) -> ModelFacts | None:
+    """Widths and parameter count from the config and weight headers; None when not at hand."""
     if path.startswith("known:"):
-        from tasks.models import cache_dir  # torch-free module-level; the loader imports lazily
-
-        config = cache_dir() / "models" / path.removeprefix("known:") / "config.json"
-    else:
-        config = Path(path).expanduser() / "config.json"
+        return _known_facts(path.removeprefix("known:"))
+    directory = Path(path).expanduser()
+    config = directory / "config.json"
     if not config.is_file():
         return None
     data = json.loads(config.read_text())
     data = data.get("text_config", data)
-    return {key: data[key] for key in WIDTH_KEYS if isinstance(data.get(key), int)}
+    widths = {key: data[key] for key in WIDTH_KEYS if isinstance(data.get(key), int)}
+    return ModelFacts(widths=widths, params=_safetensors_params(directory))
 
 
-def check(cell: Cell, widths_cache: dict[str, dict[str, int] | None]) -> Verdict:
+def _safetensors_params(directory: Path) -> int | None:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in info["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+def _known_facts(name: str) -> ModelFacts | None:
+    from tasks.models import cache_dir  # torch-free at import; loading is lazy
+
+    converted = cache_dir() / "models" / name
+    if (converted / "config.json").is_file():
+        return model_facts(str(converted))
+    known = KNOWN_MODELS[name]
+    spec = importlib.util.find_spec(known.package)
+    if spec is None or spec.origin is None:
+        return None
+    import gguf
+
+    reader = gguf.GGUFReader(Path(spec.origin).parent / known.gguf_file)
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+
+    def field(key: str) -> int:
+        f = reader.fields[f"{arch}.{key}"]
+        return int(f.parts[f.data[0]][0])
+
+    return ModelFacts(widths={"hidden_size": field("embedding_length"),
+                              "intermediate_size": field("feed_forward_length")},
+                      params=sum(int(t.n_elements) for t in reader.tensors))
+
+
+def spec_problems(spec: Spec, facts: dict[str, ModelFacts | None]) -> list[str]:
+    """Problems that make the spec itself wrong for its models (reported like spec errors)."""
+    problems = []
+    uses_groups = any(get_method(m.name).uses_group_size for m in spec.methods)
+    for model in spec.models:
+        model_facts_ = facts.get(model.path)
+        if not uses_groups or not model_facts_ or not model_facts_.widths:
+            continue
+        widths = model_facts_.widths
+        for i, group_size in enumerate(spec.group_sizes):
+            if group_size != -1 and all(w % group_size for w in widths.values()):
+                shown = ", ".join(f"{k}={v}" for k, v in widths.items())
+                divisors = [g for g in (16, 32, 64, 96, 128, 192, 256) if all(w % g == 0 for w in widths.values())]
+                problems.append(f"{spec.source}: group_sizes[{i}]={group_size}: divides none of "
+                                f"{model.name}'s layer widths ({shown}), so every layer would take the "
+                                f"fallback; use a divisor such as {', '.join(map(str, divisors)) or '-1'}")
+    return problems
+
+
+def host_memory_bytes() -> int | None:
+    """Memory of this host, for embedded runs; None on a cluster (its nodes may differ)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def check(cell: Cell, facts: ModelFacts | None, memory_bytes: int | None) -> Verdict:
     model_path = cell.model.path
     if model_path.startswith("known:"):
         known = KNOWN_MODELS[model_path.removeprefix("known:")]
@@ -57,16 +144,23 @@ def check(cell: Cell, widths_cache: dict[str, dict[str, int] | None]) -> Verdict
     data_path = cell.dataset.path
     if not data_path.startswith("builtin:") and _looks_local(data_path) and not Path(data_path).expanduser().exists():
         return Verdict(True, "data", f"dataset '{cell.dataset.name}': file {data_path} does not exist")
+    calibration = (cell.calibration or {}).get("dataset") or ""
+    if _looks_local(calibration) and not Path(calibration).expanduser().exists():
+        return Verdict(True, "data", f"calibration set {calibration} does not exist")
+    if facts is None:
+        return Verdict(False, note=f"model config of {model_path} not readable here: shape and memory checks deferred to the worker")
 
     info = get_method(cell.method)
+    if facts.params and memory_bytes:
+        copies = 2 if info.in_place else 1  # the base model an actor keeps, plus the quantized copy
+        needed = int(facts.params * DTYPE_BYTES[cell.model.dtype] * copies * 1.25)
+        if needed > memory_bytes:
+            return Verdict(True, "oom", f"needs about {needed / 2**30:.1f} GiB ({copies} copies of "
+                           f"{facts.params:,} params in {cell.model.dtype}, +25%), the host has "
+                           f"{memory_bytes / 2**30:.1f} GiB")
     if not info.uses_group_size or cell.group_size in (None, -1):
         return Verdict(False)
-    if model_path not in widths_cache:
-        widths_cache[model_path] = model_widths(model_path)
-    widths = widths_cache[model_path]
-    if not widths:
-        return Verdict(False)
-    bad = {key: width for key, width in widths.items() if width % cell.group_size}
+    bad = {key: width for key, width in facts.widths.items() if width % cell.group_size}
     if not bad:
         return Verdict(False)
     described = ", ".join(f"{key}={width}" for key, width in bad.items())
