@@ -154,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run_sweep(spec, store, gpus=args.gpus, cpu_actors=args.cpu_actors,
                            progress=not args.no_progress, verbose=args.verbose)
-    except StoreError:
+    except (StoreError, SpecError):
         raise
     except Exception:
         logging.getLogger("qsweep").exception("the driver failed; finished cells are in the store")
@@ -184,6 +184,9 @@ def summary_table(results: str, sweep: str) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, max_cells=args.max_cells)
     from orchestrator.cells import expand
+    from orchestrator.preflight import validate_models
+
+    validate_models(spec)
 
     cells = expand(spec)
     store = Store(args.results)

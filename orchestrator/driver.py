@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.cells import Cell, Group, expand, group_cells, identity_columns
-from orchestrator.preflight import check, host_memory_bytes, model_facts, spec_problems
-from orchestrator.spec import Spec, SpecError
+from orchestrator.preflight import check, host_memory_bytes, validate_models
+from orchestrator.spec import Spec
 from orchestrator.store import Store
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,7 @@ class Plan:
 
 def make_plan(spec: Spec, store: Store | None) -> Plan:
     cells = expand(spec)
-    facts = {model.path: model_facts(model.path) for model in spec.models}
-    problems = spec_problems(spec, facts)
-    if problems:
-        raise SpecError(problems)
+    facts = validate_models(spec)
     memory = host_memory_bytes()
     existing = {}
     if store is not None and store.files(spec.name):

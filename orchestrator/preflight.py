@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.cells import Cell
-from orchestrator.spec import Spec
+from orchestrator.spec import Spec, SpecError
 from tasks.catalog import KNOWN_MODELS
 from tasks.quantize.registry import get_method
 
@@ -122,6 +122,15 @@ def spec_problems(spec: Spec, facts: dict[str, ModelFacts | None]) -> list[str]:
                                 f"{model.name}'s layer widths ({shown}), so every layer would take the "
                                 f"fallback; use a divisor such as {', '.join(map(str, divisors)) or '-1'}")
     return problems
+
+
+def validate_models(spec: Spec) -> dict[str, ModelFacts | None]:
+    """Each model's facts; raises SpecError when the spec is wrong for its models."""
+    facts = {model.path: model_facts(model.path) for model in spec.models}
+    problems = spec_problems(spec, facts)
+    if problems:
+        raise SpecError(problems)
+    return facts
 
 
 def host_memory_bytes() -> int | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import itertools
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from pydantic import ValidationError
 
 from tasks.evaluate.registry import KNOWN_DATASETS, TASKS, UnknownTask, get_task
 from tasks.catalog import KNOWN_MODELS
+from tasks.profile.config import ProfileConfig
 from tasks.quantize.registry import METHODS, UnknownMethod, get_method
 
 TOP_LEVEL_KEYS = {
@@ -33,6 +36,8 @@ TOP_LEVEL_KEYS = {
     "cpu_actors": "number of CPU actors when the cluster has no GPU (default 1)",
     "retries": "{crash: 2, oom: 2, timeout: 0}: retries per failure class",
     "timeout_s": "hard limit in seconds per cell (the first cell of a group includes load and quantize)",
+    "profile": "{prompt_len, gen_len, batch_sizes, repeats, warmup}: how latency, throughput and "
+               "memory are measured (recorded in rows, not part of a cell's identity)",
 }
 RETRYABLE = {"crash": 2, "oom": 2, "timeout": 0}
 DETERMINISTIC = ("shape", "unsupported", "data", "nan", "error")
@@ -94,6 +99,7 @@ class Spec:
     retries: dict[str, int]
     timeout_s: float | None
     raw: dict[str, Any] = field(repr=False, compare=False)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 class _Problems:
@@ -162,6 +168,7 @@ def parse_spec(raw: Any, source: str = "<spec>", max_cells: int = DEFAULT_MAX_CE
     if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
                                   or timeout_s <= 0):
         problems.add("timeout_s", timeout_s, "must be a positive number of seconds (or omitted for no limit)")
+    profile = _parse_profile(raw.get("profile"), problems)
 
     if problems.items:
         raise SpecError(problems.items)
@@ -169,7 +176,7 @@ def parse_spec(raw: Any, source: str = "<spec>", max_cells: int = DEFAULT_MAX_CE
         source=source, name=name, models=tuple(models), methods=tuple(methods),
         bits=tuple(bits), group_sizes=tuple(group_sizes), datasets=tuple(datasets),
         calibration=calibration, exclude=tuple(exclude), seed=seed, cpu_actors=cpu_actors,
-        retries=retries, timeout_s=timeout_s, raw=raw,
+        retries=retries, timeout_s=timeout_s, raw=raw, profile=profile,
     )
     _check_exclude_values(spec, problems)
     _check_capabilities(spec, problems, max_cells)
@@ -274,8 +281,20 @@ def _parse_methods(value: Any, problems: _Problems) -> list[MethodVariant]:
 def _pydantic_message(err: dict, config: type) -> str:
     loc = err["loc"][0] if err["loc"] else None
     field_info = config.model_fields.get(loc) if loc else None
-    allowed = f"; allowed: {field_info.annotation}" if field_info is not None else ""
+    allowed = f"; allowed: {_describe_type(field_info.annotation)}" if field_info is not None else ""
     return f"{err['msg']}{allowed}"
+
+
+def _describe_type(annotation: Any) -> str:
+    """A type as a spec writer reads it: true or false, 'a' | 'b', an integer, ..."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe_type(a) for a in args if a is not type(None)]
+        return " | ".join(parts) + (" | null" if type(None) in args else "")
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def _int_list(raw: dict, key: str, problems: _Problems, required: bool, check, allowed: str) -> list[int]:
@@ -358,6 +377,26 @@ def _parse_calibration(value: Any, needed_by: list[str], problems: _Problems) ->
             problems.add(f"calibration.{key}", v, "must be a positive integer")
     return {"dataset": value.get("dataset"), "samples": value.get("samples", 128),
             "seq_len": value.get("seq_len", 512)}
+
+
+def _parse_profile(value: Any, problems: _Problems) -> ProfileConfig:
+    if value is None:
+        return ProfileConfig()
+    if not isinstance(value, dict):
+        problems.add("profile", value, "must be a mapping, e.g. "
+                     "{prompt_len: 64, gen_len: 16, batch_sizes: [1, 8], repeats: 3, warmup: 1}")
+        return ProfileConfig()
+    try:
+        return ProfileConfig(**value)
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = "profile" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.add(where, _MISSING, f"unknown key; allowed: {_keys(ProfileConfig.model_fields)}")
+            else:
+                allowed = ProfileConfig.ALLOWED.get(str(err["loc"][0]) if err["loc"] else "", "")
+                problems.add(where, err.get("input"), f"{err['msg']}; allowed: {allowed}")
+        return ProfileConfig()
 
 
 def _parse_exclude(value: Any, methods: list[MethodVariant], problems: _Problems) -> list[dict]:
