@@ -24,7 +24,7 @@ def classify(exc: BaseException) -> str:
     import torch  # the worker side only
 
     text = str(exc).lower()
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text:
         return "oom"
     if isinstance(exc, (DataError, FileNotFoundError)):
         return "data"
