@@ -43,6 +43,7 @@ class Plan:
     skipped: dict[str, Any]  # cell_id -> Verdict
     notes: dict[str, str]  # cell_id -> fallback note
     pending: list[Cell] = field(default_factory=list)
+    prior_attempts: dict[str, int] = field(default_factory=dict)  # of cells not yet ok
 
 
 def make_plan(spec: Spec, store: Store | None) -> Plan:
@@ -51,7 +52,7 @@ def make_plan(spec: Spec, store: Store | None) -> Plan:
     memory = host_memory_bytes()
     existing = {}
     if store is not None and store.files(spec.name):
-        table = store.read(spec.name, columns=["cell_id", "status", "error_message"])
+        table = store.read(spec.name, columns=["cell_id", "status", "error_message", "attempts"])
         existing = {r["cell_id"]: r for r in table.to_pylist()}
     done = {cid for cid, r in existing.items() if r["status"] in DONE_STATUSES}
     skipped, notes, pending = {}, {}, []
@@ -63,7 +64,9 @@ def make_plan(spec: Spec, store: Store | None) -> Plan:
             skipped[cell.cell_id] = verdict
         elif cell.cell_id not in done:
             pending.append(cell)
-    return Plan(cells=cells, done=done, skipped=skipped, notes=notes, pending=pending)
+    prior = {c.cell_id: existing[c.cell_id]["attempts"] or 0 for c in pending if c.cell_id in existing}
+    return Plan(cells=cells, done=done, skipped=skipped, notes=notes, pending=pending,
+                prior_attempts=prior)
 
 
 def complete_row(cell: Cell, partial: dict[str, Any], sweep_hash: str, attempts: int) -> dict[str, Any]:
@@ -151,17 +154,20 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
 
         def lost(run: Running, error_class: str, message: str) -> None:
             """The actor is gone mid-group: blame the cell in flight (all remaining ones if
-            none came back yet), retry within budget, requeue the rest."""
+            none came back yet) and write its row at once, so the store knows even if the
+            driver dies next; retry within budget (the retry's row replaces it); requeue the
+            rest."""
             blamed = run.remaining if not run.got_any else run.remaining[:1]
-            rows = []
+            final, interim = [], []
             for cell in blamed:
                 tries[cell.cell_id] += 1
-                if tries[cell.cell_id] > spec.retries[error_class]:
-                    stage = "evaluate" if run.got_any else "quantize"
-                    rows.append(failure_row(cell, error_class, stage, message, sweep_hash,
-                                            tries[cell.cell_id]))
-            record(rows)
-            done = {r["cell_id"] for r in rows}
+                stage = "evaluate" if run.got_any else "quantize"
+                row = failure_row(cell, error_class, stage, message, sweep_hash,
+                                  plan.prior_attempts.get(cell.cell_id, 0) + tries[cell.cell_id])
+                (final if tries[cell.cell_id] > spec.retries[error_class] else interim).append(row)
+            store.write_rows(interim)
+            record(final)
+            done = {r["cell_id"] for r in final}
             rest = tuple(c for c in run.remaining if c.cell_id not in done)
             if rest:
                 queue.insert(0, Group(group_id=run.group.group_id, cells=rest))
@@ -209,7 +215,7 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
             run.got_any = True
             if spec.timeout_s:
                 run.deadline = time.monotonic() + spec.timeout_s
-            attempts = tries[cell_id] + partial.pop("attempts", 1)
+            attempts = plan.prior_attempts.get(cell_id, 0) + tries[cell_id] + partial.pop("attempts", 1)
             record([complete_row(cell, partial, sweep_hash, attempts)])
         bar.close()
     finally:

@@ -55,7 +55,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("error_stage", _S, "preflight | load | calibrate | quantize | evaluate | profile; null when ok"),
     ("error_message", _S, "what went wrong or why the cell was skipped"),
     ("error_traceback", _S, "truncated traceback of a failure"),
-    ("attempts", _I, "attempts made for this cell, this one included"),
+    ("attempts", _I, "attempts made for this cell across runs, this one included (a crash, timeout or out-of-memory retry is an attempt)"),
     # quality
     ("primary_metric", _S, "name of the task's primary metric"),
     ("primary_value", _F, "value of the primary metric"),
@@ -74,12 +74,66 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("layers_high_precision", _I, "linear layers left in the model's dtype"),
     ("fallback", _S, "what non-divisible layers got: ragged | divisor | skip; null when none"),
     ("weight_format", _S, "dense (unquantized) | fake-quant (dequantized weights) | a packed format"),
-    ("kernel", _S, "kernel path evaluated: 'dense' or 'dequantized' (no packed low-bit kernel)"),
+    ("kernel", _S, "kernel path evaluated and profiled: 'dense' (unquantized), 'dequantized' (low-bit "
+     "weights held dequantized: no packed low-bit kernel ran, so speed says nothing of a packed format) "
+     "or a packed kernel's name"),
     # speed and memory
     ("device", _S, "device the cell ran on: cpu or cuda:N"),
-    ("peak_rss_bytes", _I, "peak resident set size of the actor process during this cell's "
-     "evaluation, sampled every 20 ms (CPU memory; includes the base model the actor keeps)"),
+    # evaluation memory: peaks during this cell's evaluation (its own batch size and lengths)
+    ("peak_rss_bytes", _I, "peak resident set size (CPU memory) of the actor process during this "
+     "cell's evaluation: the Linux kernel's high-water mark (VmHWM) reset at the start, else sampled "
+     "every 20 ms; includes everything the process holds (the base model the actor keeps too)"),
+    ("cuda_peak_allocated_bytes", _I, "peak bytes in live torch CUDA tensors during this cell's "
+     "evaluation (torch.cuda.max_memory_allocated, reset at the start); null on CPU"),
+    ("cuda_peak_reserved_bytes", _I, "peak bytes held by torch's CUDA caching allocator during this "
+     "cell's evaluation (torch.cuda.max_memory_reserved, cache emptied and reset at the start); null on CPU"),
+    ("nvml_peak_process_bytes", _I, "peak GPU memory of the actor process per NVML "
+     "(nvmlDeviceGetComputeRunningProcesses, device matched by UUID; CUDA context and allocator "
+     "pool included) during this cell's evaluation, sampled every 20 ms; null on CPU or when NVML "
+     "cannot see the process"),
     ("model_bytes_in_memory", _I, "bytes of the model's parameters and buffers as held for evaluation"),
+    # profile: measured after evaluation, on the model as held (see weight_format / kernel)
+    ("profile_device", _S, "device every profile figure is for: 'cpu <processor>' or 'cuda:N <GPU name>'"),
+    ("profile_backend", _S, "inference backend profiled: 'transformers' (the model's PyTorch forward with "
+     "its KV cache, greedy decode loop as generate() runs it). Speed of a dequantized model "
+     "(kernel = 'dequantized') is that of dense matmuls, not a claim about a packed format"),
+    ("profile_prompt_len", _I, "prompt tokens per sequence in every profile run: consecutive slices of "
+     "the first tokens of this cell's dataset (no special tokens, no padding)"),
+    ("profile_gen_len", _I, "new tokens per sequence in every profile run, exactly (greedy, no stop at EOS)"),
+    ("profile_batch_sizes", pa.list_(_I), "batch sizes profiled, ascending (1 always: latency is at batch "
+     "size 1); each one's throughput and memory are in metrics as <name>@bs<N>"),
+    ("profile_warmup", _I, "untimed warm-up runs before the timed runs at each batch size, excluded from every figure"),
+    ("profile_repeats", _I, "timed runs at each batch size; every latency and throughput figure is their "
+     "median, with min and max in the _min / _max columns"),
+    ("ttft_ms", _F, "time to first token in ms at batch size 1: prefill of profile_prompt_len tokens plus "
+     "the first greedy token, synchronised (CUDA events on GPU); median over profile_repeats runs"),
+    ("ttft_ms_min", _F, "min over the runs of ttft_ms"),
+    ("ttft_ms_max", _F, "max over the runs of ttft_ms"),
+    ("tpot_p50_ms", _F, "per-output-token latency in ms at batch size 1: p50 over a run's "
+     "profile_gen_len - 1 decode steps (each one forward of one token with the KV cache, synchronised), "
+     "median over profile_repeats runs"),
+    ("tpot_p50_ms_min", _F, "min over the runs of tpot_p50_ms"),
+    ("tpot_p50_ms_max", _F, "max over the runs of tpot_p50_ms"),
+    ("tpot_p95_ms", _F, "per-output-token latency in ms at batch size 1: p95 (linear interpolation) over a "
+     "run's decode steps, median over profile_repeats runs"),
+    ("tpot_p95_ms_min", _F, "min over the runs of tpot_p95_ms"),
+    ("tpot_p95_ms_max", _F, "max over the runs of tpot_p95_ms"),
+    ("throughput_tok_s", _F, "output tokens per second at batch size 1: profile_gen_len / wall time of the "
+     "run (prefill and every decode step); median over profile_repeats runs; other batch sizes in "
+     "metrics as throughput_tok_s@bs<N>"),
+    ("throughput_tok_s_min", _F, "min over the runs of throughput_tok_s"),
+    ("throughput_tok_s_max", _F, "max over the runs of throughput_tok_s"),
+    ("gen_peak_rss_bytes", _I, "peak resident set size (CPU memory) of the actor process at batch size 1 during the profile's warm-up and timed runs "
+     "(VmHWM reset at the start, else sampled every 20 ms; the actor's base model included); "
+     "other batch sizes in metrics as gen_peak_rss_bytes@bs<N>"),
+    ("gen_cuda_peak_allocated_bytes", _I, "peak bytes in live torch CUDA tensors at batch size 1 during the profile's warm-up and timed runs "
+     "(torch.cuda.max_memory_allocated); null on CPU"),
+    ("gen_cuda_peak_reserved_bytes", _I, "peak bytes held by torch's CUDA caching allocator at batch size 1 during the profile's warm-up and timed runs "
+     "(torch.cuda.max_memory_reserved, cache emptied first); null on CPU"),
+    ("gen_nvml_peak_process_bytes", _I, "peak GPU memory of the actor process per NVML at batch size 1 during the profile's warm-up and timed runs, sampled "
+     "every 20 ms (CUDA context and allocator pool included); null on CPU or when NVML cannot see the process"),
+    ("gen_kv_cache_bytes", _I, "bytes of the KV cache tensors at the end of a batch-size-1 run "
+     "(profile_prompt_len + profile_gen_len tokens)"),
     # provenance
     ("host", _S, "host name of the actor"),
     ("actor", _S, "actor that ran the cell (pid@host)"),
@@ -90,7 +144,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("time_load_s", _F, "wall seconds to get the base model (load or copy from the actor's cache); shared by the group"),
     ("time_quantize_s", _F, "wall seconds to quantize; shared by the cells of the group"),
     ("time_evaluate_s", _F, "wall seconds of this cell's evaluation (data preparation included)"),
-    ("time_profile_s", _F, "wall seconds of profiling the quantized model (size accounting); shared by the group"),
+    ("time_profile_s", _F, "wall seconds of this cell's profile: size accounting (once per group, the "
+     "same in each of its cells) plus this cell's latency, throughput and memory runs"),
     ("started_at", _T, "when the cell's group started on the actor"),
     ("finished_at", _T, "when this cell's row was made; newest wins when a cell has several rows"),
 ]

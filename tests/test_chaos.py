@@ -1,0 +1,104 @@
+"""Chaos: kill -9 an actor, then the driver, during a real local sweep; run again; the store is
+complete and duplicate-free."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from analysis.views import connect
+from orchestrator.store import Store
+
+pytestmark = pytest.mark.chaos
+
+
+def rows_now(results) -> list[tuple]:
+    store = Store(results)
+    if not store.files():
+        return []
+    try:
+        return connect(str(results)).execute("select cell_id, actor, attempts from cells").fetchall()
+    except Exception:  # a file replaced while listing: look again
+        return rows_now(results)
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_actor_and_driver_killed_mid_sweep(tmp_path, tiny_llama):
+    spec = {
+        "name": "chaos",
+        "models": [{"name": "tiny", "path": str(tiny_llama)}],
+        "methods": [{"name": "baseline"}, {"name": "rtn", "sym": [True, False]}],
+        "bits": [2, 3, 4, 8],
+        "group_sizes": [16, 32],
+        # ~1 s per cell on one core: long enough to be killed in the middle of one
+        "datasets": [{"name": "docs", "task": "perplexity", "path": "builtin:pydoc-topics",
+                      "limit": 300, "seq_len": 128, "batch_size": 8}],
+        "cpu_actors": 2,
+    }
+    path = tmp_path / "chaos.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    results = tmp_path / "results"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "orchestrator.cli", "run", str(path), "--results", str(results),
+               "--no-progress"]
+    total = 1 + 2 * 4 * 2
+
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        first = wait_for(lambda: rows_now(results), 180, "the first rows")
+        victim = int(first[0][1].split("@")[0])
+        os.kill(victim, signal.SIGKILL)  # an actor, busy with its next cell
+        wait_for(lambda: len(rows_now(results)) >= len(first) + 3, 180, "rows after the actor kill")
+        driver.kill()  # kill -9 the driver mid-sweep
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        # The embedded Ray dies with its driver's session; make sure nothing is left behind.
+        os.killpg(driver.pid, signal.SIGKILL) if _group_alive(driver.pid) else None
+
+    interrupted = len(rows_now(results))
+    done = connect(str(results)).execute("select count(*) from cells where status = 'ok'").fetchone()[0]
+    assert 0 < done < total
+    crashed = connect(str(results)).execute(
+        "select count(*) from cells where error_class = 'crash'").fetchone()[0]
+    assert crashed >= 1 and interrupted > done  # the actor's death is on record already
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert f"ran {total - done} cells" in again.stdout
+
+    rows = rows_now(results)
+    assert len(rows) == total and len({r[0] for r in rows}) == total
+    on_disk = sum(pq.read_metadata(f).num_rows for f in Store(results).files())
+    assert on_disk == total  # compacted at the end: no duplicate row on disk either
+    con = connect(str(results))
+    assert con.execute("select count(*) from cells where status = 'ok'").fetchone() == (total,)
+    retried = con.execute("select count(*) from cells where attempts >= 2").fetchone()[0]
+    assert retried >= 1  # the cell the killed actor was running ran again
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
