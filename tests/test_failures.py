@@ -81,3 +81,29 @@ def test_out_of_memory_is_retried_at_a_smaller_batch_then_recorded(tiny_llama):
                                                "error_stage": "evaluate", "attempts": 1}
     recovered = oom_run(tiny_llama, retries=4)
     assert recovered["status"] == "ok" and recovered["attempts"] >= 2
+
+
+def test_tokens_never_land_in_rows(monkeypatch):
+    from tasks.errors import redact
+    from tasks.worker import _failure
+
+    secret = "hf_" + "Q" * 30
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    try:
+        raise RuntimeError(f"401 for token {secret} and key very-secret-value")
+    except RuntimeError as exc:
+        row = _failure(exc, "load")
+    assert secret not in row["error_message"] and secret not in row["error_traceback"]
+    assert "very-secret-value" not in row["error_message"]
+    assert redact("Bearer hf_" + "a1" * 15) == "Bearer hf_***"
+
+
+def test_remote_code_stays_off_unless_asked():
+    from orchestrator.spec import parse_spec
+
+    base = {"name": "t", "methods": [{"name": "baseline"}],
+            "datasets": [{"name": "d", "task": "perplexity", "path": "/d.txt"}]}
+    off = parse_spec(dict(base, models=[{"name": "m", "path": "/m"}]))
+    on = parse_spec(dict(base, models=[{"name": "m", "path": "/m", "trust_remote_code": True}]))
+    assert off.models[0].trust_remote_code is False and on.models[0].trust_remote_code is True
