@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from orchestrator.schema import SCHEMA_VERSION
 from orchestrator.spec import DatasetEntry, ModelEntry, Spec
+from tasks.profile.config import ProfileConfig
 from tasks.quantize.registry import get_method
 
 
@@ -32,6 +33,8 @@ class Cell:
     calibration: dict[str, Any] | None
     dataset: DatasetEntry
     seed: int
+    # How the cell is profiled: a measurement setting, recorded in the row, never in identity().
+    profile: ProfileConfig = field(default_factory=ProfileConfig, compare=False, repr=False)
 
     def quant_identity(self) -> dict[str, Any]:
         return {
@@ -77,6 +80,11 @@ class Group:
     def head(self) -> Cell:
         return self.cells[0]
 
+    @property
+    def profile(self) -> ProfileConfig:
+        """Profile settings of the sweep the group came from."""
+        return self.head.profile
+
 
 def expand(spec: Spec) -> list[Cell]:
     """The grid, honouring each method's axes and the exclude rules; no duplicates."""
@@ -89,7 +97,7 @@ def expand(spec: Spec) -> list[Cell]:
         for bits, group_size, dataset in itertools.product(bits_axis, groups_axis, spec.datasets):
             cell = Cell(sweep=spec.name, model=model, method=variant.name, params=variant.params,
                         bits=bits, group_size=group_size, calibration=calibration,
-                        dataset=dataset, seed=spec.seed)
+                        dataset=dataset, seed=spec.seed, profile=spec.profile)
             if not any(_matches(rule, cell) for rule in spec.exclude):
                 cells.setdefault(cell.cell_id, cell)
     return list(cells.values())

@@ -25,7 +25,10 @@ from orchestrator.cells import Group
 from tasks.errors import NonFiniteError, classify, redact, short_traceback
 from tasks.evaluate.registry import get_task
 from tasks.models import load_model
-from tasks.profile import PeakRSS, Timer, profile_sizes
+from tasks.profile.columns import eval_memory_columns, speed_columns, speed_metrics
+from tasks.profile.sizes import profile_sizes
+from tasks.profile.speed import profile_speed
+from tasks.profile.trackers import MemoryTracker, Timer
 from tasks.quantize.registry import get_method
 
 log = logging.getLogger(__name__)
@@ -124,7 +127,7 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
         while True:
             attempts += 1
             try:
-                with PeakRSS() as peak, Timer(state.device) as eval_time:
+                with MemoryTracker(state.device) as peak, Timer(state.device) as eval_time:
                     result = get_task(dataset.task).load()().evaluate(model, tokenizer, dataset)
                 _check_metrics(result.metrics)
                 row |= {
@@ -133,7 +136,7 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
                     "primary_n": result.primary.n,
                     "metrics": [vars(m) for m in result.metrics],
                     "time_evaluate_s": eval_time.seconds,
-                    "peak_rss_bytes": peak.rss_bytes,
+                    **eval_memory_columns(peak),
                 }
                 log.info("cell %s: %s=%.4f", cell.cell_id, result.primary.metric, result.primary.value)
                 break
@@ -148,6 +151,17 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
                 log.warning("cell %s failed at evaluate: %s", cell.cell_id, exc)
                 row |= _failure(exc, "evaluate")
                 break
+        if row.get("status") == "ok":
+            try:
+                with Timer(state.device) as speed_time:
+                    speed = profile_speed(model, tokenizer, cell.dataset, group.profile, state.device)
+                row |= {**speed_columns(speed), "metrics": row["metrics"] + speed_metrics(speed),
+                        "time_profile_s": row["time_profile_s"] + speed_time.seconds}
+                log.info("cell %s: ttft %.1f ms, tpot p50 %.1f ms, %.1f tok/s at batch 1 on %s", cell.cell_id,
+                         row["ttft_ms"], row["tpot_p50_ms"], row["throughput_tok_s"], speed.device)
+            except Exception as exc:  # noqa: BLE001 - failures are rows
+                log.warning("cell %s failed at profile: %s", cell.cell_id, exc)
+                row |= _failure(exc, "profile")
         row |= {"attempts": attempts, "model_loads": state.model_loads, "finished_at": _now()}
         yield cell.cell_id, row
     del model

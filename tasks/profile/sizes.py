@@ -1,74 +1,11 @@
-"""Measurements as dataclasses, filled by context-manager trackers."""
+"""Size accounting of a quantized model: weight bytes as a packed format stores them."""
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
-
 from tasks.quantize.base import QuantReport
-
-
-@dataclass
-class Elapsed:
-    seconds: float = 0.0
-
-
-class Timer:
-    """Wall time of a block (``time.perf_counter``); synchronizes CUDA when it is in use."""
-
-    def __init__(self, device: str = "cpu"):
-        self.device = device
-        self.result = Elapsed()
-
-    def _sync(self) -> None:
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-
-    def __enter__(self) -> Elapsed:
-        self._sync()
-        self._start = time.perf_counter()
-        return self.result
-
-    def __exit__(self, *exc: Any) -> None:
-        self._sync()
-        self.result.seconds = time.perf_counter() - self._start
-
-
-@dataclass
-class PeakMemory:
-    rss_bytes: int = 0  # peak resident set size of this process during the block
-
-
-class PeakRSS:
-    """Samples this process's RSS every ``interval`` seconds while the block runs."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval = interval
-        self.result = PeakMemory()
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        process = psutil.Process()
-        while not self._stop.is_set():
-            self.result.rss_bytes = max(self.result.rss_bytes, process.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self.result.rss_bytes = psutil.Process().memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self.result
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.result.rss_bytes = max(self.result.rss_bytes, psutil.Process().memory_info().rss)
 
 
 @dataclass(frozen=True)
