@@ -4,7 +4,10 @@
   schema except the nested ``metrics`` (see ``qsweep query "describe cells"``).
 - ``columns``: every column of the row schema with its type and definition.
 - ``metrics``: long table, one row per (cell, metric): sweep, cell_id, model, method, bits,
-  group_size, dataset, metric, value, stderr, n, definition.
+  group_size, dataset, metric, value, stderr, n, definition, ci95_low, ci95_high.
+- ``examples``: long table, one row per (cell, example, metric): sweep, cell_id, model, method,
+  method_params, bits, group_size, dataset, example_id, metric, value — join a quantized cell
+  to its baseline on (model, dataset, example_id, metric) for paired comparisons.
 """
 
 from __future__ import annotations
@@ -18,14 +21,20 @@ from orchestrator.store import Store
 VIEWS = {
     "cells": """
         create or replace view cells as
-        select * exclude (metrics) from latest_rows
+        select * exclude (metrics, examples) from latest_rows
     """,
     "metrics": """
         create or replace view metrics as
         select sweep, cell_id, model, method, bits, group_size, dataset,
                m.metric as metric, m.value as value, m.stderr as stderr, m.n as n,
-               m.definition as definition
+               m.definition as definition, m.ci95_low as ci95_low, m.ci95_high as ci95_high
         from (select *, unnest(metrics) as m from latest_rows)
+    """,
+    "examples": """
+        create or replace view examples as
+        select sweep, cell_id, model, method, method_params, bits, group_size, dataset,
+               e.example_id as example_id, e.metric as metric, e.value as value
+        from (select *, unnest(examples) as e from latest_rows)
     """,
 }
 

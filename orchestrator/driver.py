@@ -97,7 +97,8 @@ class Running:
     group: Group
     remaining: list[Cell]
     deadline: float | None
-    got_any: bool = False
+    got_any: bool = False  # a cell's row came back from this run
+    stage: str = "quantize"  # "evaluate" once the worker says quantization is done
 
 
 def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int | None = None,
@@ -154,15 +155,14 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
 
         def lost(run: Running, error_class: str, message: str) -> None:
             """The actor is gone mid-group: blame the cell in flight (all remaining ones if
-            none came back yet) and write its row at once, so the store knows even if the
+            it died loading or quantizing) and write its row at once, so the store knows even if the
             driver dies next; retry within budget (the retry's row replaces it); requeue the
             rest."""
-            blamed = run.remaining if not run.got_any else run.remaining[:1]
+            blamed = run.remaining if run.stage == "quantize" else run.remaining[:1]
             final, interim = [], []
             for cell in blamed:
                 tries[cell.cell_id] += 1
-                stage = "evaluate" if run.got_any else "quantize"
-                row = failure_row(cell, error_class, stage, message, sweep_hash,
+                row = failure_row(cell, error_class, run.stage, message, sweep_hash,
                                   plan.prior_attempts.get(cell.cell_id, 0) + tries[cell.cell_id])
                 (final if tries[cell.cell_id] > spec.retries[error_class] else interim).append(row)
             store.write_rows(interim)
@@ -210,11 +210,14 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
                 lost(run, "crash", f"the actor process died: {type(exc).__name__}: {str(exc)[:1000]}")
                 idle.extend(pool.start_many(1))
                 continue
+            if spec.timeout_s:  # each stage and each cell gets timeout_s of its own
+                run.deadline = time.monotonic() + spec.timeout_s
+            if cell_id is None:
+                run.stage = partial["stage"]
+                continue
             cell = next(c for c in run.remaining if c.cell_id == cell_id)
             run.remaining.remove(cell)
             run.got_any = True
-            if spec.timeout_s:
-                run.deadline = time.monotonic() + spec.timeout_s
             attempts = plan.prior_attempts.get(cell_id, 0) + tries[cell_id] + partial.pop("attempts", 1)
             record([complete_row(cell, partial, sweep_hash, attempts)])
         bar.close()
@@ -244,19 +247,48 @@ def _next_group(queue: list[Group], model_path: str | None) -> Group:
 
 
 def _init_ray(gpus: int | None, verbose: bool) -> None:
+    """Connect to the cluster at ``RAY_ADDRESS``, or start an embedded Ray.
+
+    Under ``ray job submit`` the job's runtime env (``cluster/runtime_env.yaml``: working_dir,
+    env_vars) already reaches every actor; Ray refuses a driver runtime env that sets a
+    variable the job sets too, so only the others are added here.
+    """
     import ray
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # NVML and torch agree on device ids
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    for key in (job_config.get("runtime_env") or {}).get("env_vars") or {}:
+        env.pop(key, None)
     runtime_env = {"env_vars": env}
     address = os.environ.get("RAY_ADDRESS")
     if address:
         # A cluster knows its own GPUs: never pass num_gpus when connecting.
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose)
+        if gpus is not None:
+            log.warning("--gpus %s is ignored: the cluster at RAY_ADDRESS=%s has its own", gpus, address)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+            raise ConnectionError(_connect_hint(address, exc)) from exc
     else:
         # Embedded: no dashboard; Ray 2.60 turns token auth on for it.
         ray.init(address="local", num_gpus=gpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=verbose, logging_level=logging.WARNING)
+
+
+def _connect_hint(address: str, exc: Exception) -> str:
+    """Ray 2.60 puts token authentication on a `ray start --head` cluster whenever
+    ~/.ray/auth_token exists on the head (any embedded `ray.init()` creates that file), and an
+    explicit RAY_ADDRESS never sends a token unless RAY_AUTH_MODE=token: the connection then
+    just times out. Say so."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    hint = (f"cannot connect to the Ray cluster at RAY_ADDRESS={address}: {exc}. Check that it is "
+            "up and reachable (`ray status --address ...`).")
+    if mode != "token":
+        hint += (" If the cluster uses token authentication, set RAY_AUTH_MODE=token and make its "
+                 "token available here (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH=FILE or "
+                 "RAY_AUTH_TOKEN); see cluster/README.md.")
+    return hint
 
 
 class CellActor:

@@ -22,6 +22,14 @@ METRIC = pa.struct([
     ("stderr", pa.float64()),
     ("n", pa.int64()),
     ("definition", pa.string()),
+    ("ci95_low", pa.float64()),
+    ("ci95_high", pa.float64()),
+])
+
+EXAMPLE = pa.struct([
+    ("example_id", pa.string()),
+    ("metric", pa.string()),
+    ("value", pa.float64()),
 ])
 
 _S, _I, _F, _B, _T = pa.string(), pa.int64(), pa.float64(), pa.bool_(), pa.timestamp("us", tz="UTC")
@@ -61,7 +69,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("primary_value", _F, "value of the primary metric"),
     ("primary_stderr", _F, "standard error of the primary metric"),
     ("primary_n", _I, "samples behind the primary metric (task-specific unit)"),
-    ("metrics", pa.list_(METRIC), "all metrics of the cell with their definitions"),
+    ("metrics", pa.list_(METRIC), "all metrics of the cell with their definitions (stderr, n; "
+     "accuracy-type metrics also a Wilson 95% interval)"),
+    ("examples", pa.list_(EXAMPLE), "per-example outcomes (correct, rank, NLL per window/document) "
+     "for paired comparisons with the baseline"),
     # size
     ("weight_bytes", _I, "bytes of all weights: quantized layers at bits + scales/zeros, the rest at dtype"),
     ("weight_bytes_source", _S, "'stored' (bytes of a saved artifact) or 'packed-arithmetic' "

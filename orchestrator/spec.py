@@ -35,7 +35,7 @@ TOP_LEVEL_KEYS = {
     "seed": "integer seed recorded in every cell (default 0)",
     "cpu_actors": "number of CPU actors when the cluster has no GPU (default 1)",
     "retries": "{crash: 2, oom: 2, timeout: 0}: retries per failure class",
-    "timeout_s": "hard limit in seconds per cell (the first cell of a group includes load and quantize)",
+    "timeout_s": "hard limit in seconds for loading + quantizing a group, and for each cell's evaluation + profiling",
     "profile": "{prompt_len, gen_len, batch_sizes, repeats, warmup}: how latency, throughput and "
                "memory are measured (recorded in rows, not part of a cell's identity)",
 }

@@ -42,6 +42,7 @@ class WorkerState:
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     model_loads: int = 0
     _model_key: tuple | None = None
+    _prepared: dict[str, Any] = field(default_factory=dict)
     _model: Any = None
     _tokenizer: Any = None
 
@@ -57,6 +58,14 @@ class WorkerState:
             self._model_key = key
             self.model_loads += 1
         return self._model, self._tokenizer
+
+    def prepared_data(self, cell: Any, tokenizer: Any) -> Any:
+        """The cell's evaluation data, read and built once per dataset per actor."""
+        key = json.dumps([self._model_key, cell.identity()["dataset"], cell.seed], sort_keys=True, default=str)
+        if key not in self._prepared:
+            task = get_task(cell.dataset.task).load()()
+            self._prepared[key] = task.prepare(cell.dataset, tokenizer, cell.seed)
+        return self._prepared[key]
 
 
 def _now() -> dt.datetime:
@@ -84,7 +93,8 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
     """Quantize once, then evaluate and profile each dataset.
 
     Yields ``(cell_id, partial row)`` as each cell finishes, so a caller (the Ray actor streams
-    them) keeps every finished cell even if a later one kills the process.
+    them) keeps every finished cell even if a later one kills the process; and once, after
+    quantization, ``(None, {"stage": "evaluate"})`` so the caller knows which stage is running.
     """
     head = group.head
     info = get_method(head.method)
@@ -103,6 +113,19 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
             base, tokenizer = state.base_model(head.model.path, head.model.dtype,
                                                head.model.trust_remote_code)
             model = copy.deepcopy(base) if info.in_place else base
+        prepared, unusable = {}, {}
+        for cell in group.cells:  # data before quantization: a missing dataset costs no quantize
+            try:
+                prepared[cell.cell_id] = state.prepared_data(cell, tokenizer)
+            except Exception as exc:  # noqa: BLE001 - failures are rows
+                unusable[cell.cell_id] = exc
+        for cell in group.cells:
+            if cell.cell_id in unusable:
+                log.warning("cell %s: data: %s", cell.cell_id, unusable[cell.cell_id])
+                yield cell.cell_id, {**common, **_failure(unusable[cell.cell_id], "load"),
+                                     "attempts": 1, "model_loads": state.model_loads, "finished_at": _now()}
+        if not prepared:
+            return
         stage = "quantize"
         with Timer(state.device) as quant_time:
             config = info.config(**head.params)
@@ -120,32 +143,36 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
         common |= profile_sizes(model, report)
     common |= {"time_load_s": load_time.seconds, "time_quantize_s": quant_time.seconds,
                "time_profile_s": profile_time.seconds}
+    yield None, {"stage": "evaluate"}
 
-    for cell in group.cells:
+    for cell in (c for c in group.cells if c.cell_id in prepared):
         row = dict(common)
-        dataset, attempts = cell.dataset, 0
+        data, attempts = prepared[cell.cell_id], 0
         while True:
             attempts += 1
             try:
                 with MemoryTracker(state.device) as peak, Timer(state.device) as eval_time:
-                    result = get_task(dataset.task).load()().evaluate(model, tokenizer, dataset)
+                    result = get_task(cell.dataset.task).load()().evaluate(model, tokenizer, data)
                 _check_metrics(result.metrics)
                 row |= {
                     "status": "ok", "primary_metric": result.primary.metric,
                     "primary_value": result.primary.value, "primary_stderr": result.primary.stderr,
                     "primary_n": result.primary.n,
                     "metrics": [vars(m) for m in result.metrics],
+                    "examples": [vars(e) for e in result.examples],
                     "time_evaluate_s": eval_time.seconds,
                     **eval_memory_columns(peak),
                 }
+                if result.task_version:
+                    row["task_version"] = result.task_version
                 log.info("cell %s: %s=%.4f", cell.cell_id, result.primary.metric, result.primary.value)
                 break
             except Exception as exc:  # noqa: BLE001 - failures are rows
-                batch = dataset.settings.get("batch_size", 1)
+                batch = getattr(data, "batch_size", None) or 1
                 if classify(exc) == "oom" and attempts <= oom_retries and batch > 1:
                     log.warning("cell %s: out of memory at batch %d; retrying at %d",
                                 cell.cell_id, batch, batch // 2)
-                    dataset = replace(dataset, settings=dataset.settings | {"batch_size": batch // 2})
+                    data = replace(data, batch_size=batch // 2)
                     _free_memory(state.device)
                     continue
                 log.warning("cell %s failed at evaluate: %s", cell.cell_id, exc)
@@ -165,6 +192,11 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
         row |= {"attempts": attempts, "model_loads": state.model_loads, "finished_at": _now()}
         yield cell.cell_id, row
     del model
+
+
+def run_group_rows(group: Group, state: WorkerState, oom_retries: int = 2) -> dict[str, dict[str, Any]]:
+    """``run_group`` for inline callers: partial rows by cell_id."""
+    return {cell_id: row for cell_id, row in run_group(group, state, oom_retries) if cell_id is not None}
 
 
 def _free_memory(device: str) -> None:

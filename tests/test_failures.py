@@ -27,10 +27,12 @@ def test_timeout_kills_the_actor_retries_and_records(tmp_path, tiny_llama):
         "methods": [{"name": "baseline"}],
         "datasets": [
             {"name": "quick", "task": "perplexity", "path": "builtin:pydoc-topics", "limit": 2, "seq_len": 32},
-            # ~3,000 windows of 128 byte-tokens: far longer than the limit below
-            {"name": "endless", "task": "perplexity", "path": "builtin:pydoc-topics", "seq_len": 128, "batch_size": 1},
+            # stride 1: 100,000 windows of 128 tokens, one forward each: far past the limit below
+            {"name": "endless", "task": "perplexity", "path": "builtin:pydoc-topics", "seq_len": 128,
+             "stride": 1, "limit": 100_000, "batch_size": 1},
         ],
-        "timeout_s": 4,
+        "profile": {"prompt_len": 8, "gen_len": 2, "batch_sizes": [1], "repeats": 1, "warmup": 0},
+        "timeout_s": 10,
         "retries": {"timeout": 1},
     }
     path = tmp_path / "slow.yaml"
@@ -40,7 +42,7 @@ def test_timeout_kills_the_actor_retries_and_records(tmp_path, tiny_llama):
     rows = connect(str(tmp_path / "r")).execute(
         "select dataset, status, error_class, error_stage, attempts, error_message from cells order by dataset").fetchall()
     assert rows[0][:5] == ("endless", "timeout", "timeout", "evaluate", 2)
-    assert "timeout_s=4" in rows[0][5] and "killed" in rows[0][5]
+    assert "timeout_s=10" in rows[0][5] and "killed" in rows[0][5]
     assert rows[1][:2] == ("quick", "ok")
 
 
@@ -48,7 +50,7 @@ OOM_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     from orchestrator.spec import parse_spec
     from orchestrator.cells import expand, group_cells
-    from tasks.worker import WorkerState, run_group
+    from tasks.worker import WorkerState, run_group_rows
 
     model, oom_retries = sys.argv[1], int(sys.argv[2])
     spec = parse_spec({"name": "oom", "models": [{"name": "tiny", "path": model}],
@@ -63,7 +65,7 @@ OOM_SCRIPT = textwrap.dedent("""
         vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
     resource.setrlimit(resource.RLIMIT_AS, (vm + 400 * 2**20, resource.RLIM_INFINITY))
     (group,) = group_cells(expand(spec))
-    rows = [row for _, row in run_group(group, state, oom_retries=oom_retries)]
+    rows = list(run_group_rows(group, state, oom_retries=oom_retries).values())
     print(json.dumps({k: rows[0].get(k) for k in ("status", "error_class", "error_stage", "attempts")}))
 """)
 

@@ -117,7 +117,7 @@ def test_a_larger_batch_holds_more_memory(model_and_tokenizer, text_file):
 def test_run_group_rows_carry_profile_columns(tiny_llama, text_file):
     from orchestrator.cells import expand, group_cells, identity_columns
     from orchestrator.schema import to_table
-    from tasks.worker import WorkerState, run_group
+    from tasks.worker import WorkerState, run_group_rows
 
     spec = tiny_spec(tiny_llama, text_file,
                      {"prompt_len": 16, "gen_len": 4, "batch_sizes": [1, 2], "repeats": 2, "warmup": 1},
@@ -125,7 +125,7 @@ def test_run_group_rows_carry_profile_columns(tiny_llama, text_file):
     state = WorkerState(device="cpu")
     rows = {}
     for group in group_cells(expand(spec)):
-        for cell_id, row in run_group(group, state):
+        for cell_id, row in run_group_rows(group, state).items():
             cell = next(c for c in group.cells if c.cell_id == cell_id)
             rows[cell.method] = {**identity_columns(cell), **row}
     assert set(rows) == {"baseline", "rtn"}
@@ -151,12 +151,12 @@ def test_run_group_rows_carry_profile_columns(tiny_llama, text_file):
 
 def test_profile_failure_is_a_failed_row_that_keeps_the_evaluation(tiny_llama, text_file):
     from orchestrator.cells import expand, group_cells
-    from tasks.worker import WorkerState, run_group
+    from tasks.worker import WorkerState, run_group_rows
 
     # The tiny model's context is 256 tokens: a 250-token prompt plus 16 new tokens exceeds it.
     spec = tiny_spec(tiny_llama, text_file, {"prompt_len": 250, "gen_len": 16, "batch_sizes": [1]})
     (group,) = group_cells(expand(spec))
-    ((_, row),) = list(run_group(group, WorkerState(device="cpu")))
+    (row,) = run_group_rows(group, WorkerState(device="cpu")).values()
     assert (row["status"], row["error_stage"], row["error_class"]) == ("failed", "profile", "unsupported")
     assert "context of 256 tokens" in row["error_message"]
     assert row["primary_value"] is not None and row.get("ttft_ms") is None

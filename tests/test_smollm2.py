@@ -37,11 +37,11 @@ def spec_with(methods, bits, group_sizes):
 
 def run(spec, worker):
     from orchestrator.cells import expand, group_cells
-    from tasks.worker import run_group
+    from tasks.worker import run_group_rows
 
     rows = {}
     for group in group_cells(expand(spec)):
-        partial = run_group(group, worker)
+        partial = run_group_rows(group, worker)
         for cell in group.cells:
             rows[(cell.method, cell.bits, cell.group_size, tuple(sorted(cell.params.items())))] = partial[cell.cell_id]
     return rows

@@ -16,12 +16,13 @@ datasets:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tasks.errors import DataError
-from tasks.evaluate.base import EvalResult, Metric
+from tasks.evaluate.base import EvalResult, Example, Metric
 from tasks.evaluate.data import load_texts
 
 
@@ -46,23 +47,36 @@ def windows(n_tokens: int, seq_len: int, stride: int, limit: int | None) -> list
     return spans
 
 
+@dataclass
+class TokenStream:
+    ids: list[int]
+    limit: int | None
+    settings: dict[str, Any]
+    batch_size: int
+
+
 class TokenPerplexity:
-    def evaluate(self, model: Any, tokenizer: Any, dataset: Any) -> EvalResult:
+    def prepare(self, dataset: Any, tokenizer: Any, seed: int = 0) -> TokenStream:
         settings = dataset.settings
+        texts = load_texts(dataset.path, settings["split"], settings["text_field"])
+        stride = settings["stride"] or settings["seq_len"]
+        needed = None if dataset.limit is None else (dataset.limit - 1) * stride + settings["seq_len"]
+        return TokenStream(token_stream(tokenizer, texts, needed), dataset.limit, settings,
+                           settings["batch_size"])
+
+    def evaluate(self, model: Any, tokenizer: Any, prepared: TokenStream) -> EvalResult:
+        settings = prepared.settings
         context = getattr(model.config, "max_position_embeddings", None) or settings["seq_len"]
         seq_len = min(settings["seq_len"], context)
         stride = min(settings["stride"] or seq_len, seq_len)
-        texts = load_texts(dataset.path, settings["split"], settings["text_field"])
-        needed = None if dataset.limit is None else (dataset.limit - 1) * stride + seq_len
-        ids = token_stream(tokenizer, texts, needed)
-        spans = windows(len(ids), seq_len, stride, dataset.limit)
+        spans = windows(len(prepared.ids), seq_len, stride, prepared.limit)
         if not spans:
-            raise DataError(f"dataset {dataset.path}: {len(ids)} tokens, fewer than one window of {seq_len}")
+            raise DataError(f"{len(prepared.ids)} tokens, fewer than one window of {seq_len}")
         device = next(model.parameters()).device
-        stream = torch.tensor(ids, dtype=torch.long)
+        stream = torch.tensor(prepared.ids, dtype=torch.long)
         window_nll, window_tokens = [], []
-        for first in range(0, len(spans), settings["batch_size"]):
-            batch = spans[first:first + settings["batch_size"]]
+        for first in range(0, len(spans), prepared.batch_size):
+            batch = spans[first:first + prepared.batch_size]
             input_ids = torch.stack([stream[s:e] for s, e, _ in batch]).to(device)
             with torch.inference_mode():
                 logits = model(input_ids).logits.float()
@@ -88,7 +102,7 @@ class TokenPerplexity:
                    f"mean NLL per scored token in nats; windows of {seq_len}, stride {stride}"),
             Metric("tokens_scored", float(tokens), None, len(spans),
                    f"tokens scored across {len(spans)} windows of {seq_len}, stride {stride}"),
-        ])
+        ], examples=[Example(f"w{i}", "window_nll", v) for i, v in enumerate(per_window)])
 
 
 def _stderr(values: list[float]) -> float | None:

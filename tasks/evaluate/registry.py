@@ -1,4 +1,7 @@
-"""The one evaluation-task registry: names, typed settings, known datasets; lazy imports."""
+"""The one evaluation-task registry: names, typed settings, known datasets; lazy imports.
+
+Torch-free: the driver validates dataset entries with these configs.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ class PerplexityConfig(TaskConfig):
     """Token-level perplexity over fixed windows (the GPTQ paper's protocol).
 
     ```yaml
-    - {name: wikitext, path: data/wiki.test.raw, limit: 64, seq_len: 2048, stride: 2048}
+    - {name: docs, task: perplexity, path: corpus.txt, limit: 64, seq_len: 2048, stride: 2048}
     ```
 
     The text is joined into one token stream and cut into windows of ``seq_len`` tokens
@@ -34,6 +37,67 @@ class PerplexityConfig(TaskConfig):
     batch_size: int = Field(4, gt=0)
     text_field: str = "text"
     split: str = "test"
+
+
+class WikiTextConfig(PerplexityConfig):
+    """WikiText: two labelled perplexities on the same documents.
+
+    ```yaml
+    - {name: wikitext, path: wikitext.jsonl, limit: 8, seq_len: 512}
+    ```
+
+    ``token_perplexity``: the fixed-window protocol above (``limit`` = windows);
+    ``word_perplexity`` (and byte perplexity, bits per byte): lm-eval's ``wikitext`` task,
+    rolling log-likelihood per document, normalised by words (``word_limit`` = documents).
+    Documents are read from ``text_field`` (default ``page``, the document-level schema).
+    """
+
+    text_field: str = "page"
+    word_limit: int | None = Field(None, gt=0)
+
+
+class BoolQConfig(TaskConfig):
+    """BoolQ through lm-eval's ``boolq`` task (accuracy; log-likelihood of " yes" / " no").
+
+    ```yaml
+    - {name: boolq, path: boolq.jsonl, limit: 100, num_fewshot: 0}
+    ```
+
+    Data in the official schema: ``question``, ``passage``, ``answer`` (bool).
+    """
+
+    num_fewshot: int = Field(0, ge=0)
+    batch_size: int = Field(8, gt=0)
+    split: str = "validation"
+
+
+class GSM8KConfig(TaskConfig):
+    """GSM8K through lm-eval's ``gsm8k`` task (exact match after ``#### N``; greedy).
+
+    ```yaml
+    - {name: gsm8k, path: gsm8k.jsonl, limit: 50, num_fewshot: 5, max_gen_toks: 256}
+    ```
+
+    Data in the official schema: ``question``, ``answer`` ending in ``#### N``.
+    """
+
+    num_fewshot: int = Field(5, ge=0)
+    batch_size: int = Field(8, gt=0)
+    max_gen_toks: int = Field(256, gt=0)
+    split: str = "test"
+
+
+class MSMarcoConfig(TaskConfig):
+    """MS MARCO passage re-ranking by query likelihood (see tasks/evaluate/msmarco.py).
+
+    ```yaml
+    - {name: msmarco, path: msmarco.jsonl, limit: 200, candidates: 10}
+    ```
+    """
+
+    candidates: int = Field(10, gt=1)
+    batch_size: int = Field(8, gt=0)
+    split: str = "validation"
 
 
 @dataclass(frozen=True)
@@ -51,29 +115,31 @@ class TaskInfo:
 
 
 TASKS: dict[str, TaskInfo] = {
-    "perplexity": TaskInfo(
-        name="perplexity",
-        target="tasks.evaluate.perplexity:TokenPerplexity",
-        config=PerplexityConfig,
-        version="1",
-        primary_metric="token_perplexity",
-        description="token-level perplexity, fixed windows, on any text",
-    ),
-    "wikitext": TaskInfo(
-        name="wikitext",
-        target="tasks.evaluate.perplexity:TokenPerplexity",
-        config=PerplexityConfig,
-        version="1",
-        primary_metric="token_perplexity",
-        description="token-level perplexity on WikiText (file or hub id), fixed windows",
-    ),
+    "perplexity": TaskInfo("perplexity", "tasks.evaluate.perplexity:TokenPerplexity", PerplexityConfig,
+                           "1", "token_perplexity", "token-level perplexity, fixed windows, on any text"),
+    "wikitext": TaskInfo("wikitext", "tasks.evaluate.wikitext:WikiText", WikiTextConfig, "2",
+                         "token_perplexity", "WikiText: token perplexity (fixed windows) and lm-eval word perplexity"),
+    "boolq": TaskInfo("boolq", "tasks.evaluate.lmeval:BoolQ", BoolQConfig, "1", "acc",
+                      "BoolQ yes/no QA through lm-eval (accuracy)"),
+    "gsm8k": TaskInfo("gsm8k", "tasks.evaluate.lmeval:GSM8K", GSM8KConfig, "1", "exact_match_strict",
+                      "GSM8K math word problems through lm-eval (exact match)"),
+    "msmarco": TaskInfo("msmarco", "tasks.evaluate.msmarco:MSMarco", MSMarcoConfig, "1", "mrr@10",
+                        "MS MARCO passage re-ranking by query likelihood (acc@1, MRR@10)"),
 }
 
-# Datasets qsweep can find without a path: name -> (task, path). ``builtin:`` sources are
-# written by the project from text every Python installation has.
+# Datasets qsweep can find without a path: name -> (task, path). Hub ids are the real data
+# (need hub access or a local HF cache); ``builtin:`` sources ship with qsweep and run offline:
+# the four ``*-fixture`` files are small, project-written, in each dataset's official schema.
 KNOWN_DATASETS: dict[str, tuple[str, str]] = {
     "pydoc-topics": ("perplexity", "builtin:pydoc-topics"),
-    "wikitext": ("wikitext", "Salesforce/wikitext:wikitext-2-raw-v1"),
+    "wikitext": ("wikitext", "EleutherAI/wikitext_document_level:wikitext-2-raw-v1"),
+    "boolq": ("boolq", "google/boolq"),
+    "gsm8k": ("gsm8k", "openai/gsm8k:main"),
+    "msmarco": ("msmarco", "microsoft/ms_marco:v1.1"),
+    "wikitext-fixture": ("wikitext", "builtin:wikitext"),
+    "boolq-fixture": ("boolq", "builtin:boolq"),
+    "gsm8k-fixture": ("gsm8k", "builtin:gsm8k"),
+    "msmarco-fixture": ("msmarco", "builtin:msmarco"),
 }
 
 

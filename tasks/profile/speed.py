@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from tasks.errors import DataError, UnsupportedError
-from tasks.evaluate.data import load_texts
+from tasks.evaluate.data import prompt_texts
 from tasks.evaluate.perplexity import token_stream
 from tasks.profile.config import ProfileConfig
 from tasks.profile.trackers import MemoryTracker, PeakMemory
@@ -153,10 +153,11 @@ def cache_bytes(cache: Any) -> int:
 
 def dataset_prompts(tokenizer: Any, dataset: Any, prompt_len: int, count: int) -> torch.Tensor:
     """``count`` prompts of ``prompt_len`` tokens, as (count, prompt_len): consecutive slices of
-    the dataset's token stream (documents joined by blank lines, no special tokens); a dataset
+    the dataset's token stream (its texts, ``tasks.evaluate.data.prompt_texts``, joined by blank
+    lines, no special tokens); a dataset
     with fewer than ``count`` slices has them reused in order."""
     settings = dataset.settings
-    texts = load_texts(dataset.path, settings.get("split", "test"), settings.get("text_field", "text"))
+    texts = prompt_texts(dataset.path, settings.get("split", "test"), settings.get("text_field"))
     ids = token_stream(tokenizer, texts, prompt_len * count)
     slices = len(ids) // prompt_len
     if slices == 0:

@@ -1,0 +1,192 @@
+"""The bridge to lm-evaluation-harness: its own task definitions, on local files or hub ids.
+
+lm-eval's YAML config for the task (``boolq``, ``gsm8k``, ``wikitext``) is loaded as it ships
+(its ``metadata.version`` is recorded as the task version), then only the data source is
+changed: a local file or fixture becomes the ``json`` builder with ``data_files``; a hub id
+stays a hub id. Few-shot count, sample limit and seed come from the cell. The task object
+(data loaded, documents built) is prepared once per dataset per actor and reused.
+
+```yaml
+datasets:
+  - {name: boolq, path: data/boolq.jsonl, limit: 200}
+  - {name: gsm8k, path: openai/gsm8k:main, limit: 100, num_fewshot: 5}
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.errors import DataError
+from tasks.evaluate.base import EvalResult, Example, Metric, proportion
+from tasks.evaluate.data import local_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    name: str
+    task: Any  # lm_eval ConfigurableTask, documents loaded
+    version: str
+    limit: int | None
+    batch_size: int
+    seed: int
+
+
+# lm-eval's own definitions, by their place in lm_eval/tasks (indexing every task takes ~10 s).
+LM_EVAL_YAML = {"boolq": "super_glue/boolq/default.yaml", "gsm8k": "gsm8k/gsm8k.yaml",
+                "wikitext": "wikitext/wikitext.yaml"}
+
+
+def lm_eval_config(name: str) -> dict[str, Any]:
+    """lm-eval's shipped config for ``name``, with its ``!function`` entries resolved."""
+    from pathlib import Path
+
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    path = Path(lm_eval.tasks.__file__).parent / LM_EVAL_YAML[name]
+    return dict(load_yaml(path, resolve_func=True, recursive=True))
+
+
+def prepare_task(name: str, dataset: Any, split_kind: str, overrides: dict[str, Any],
+                 num_fewshot: int, seed: int) -> Prepared:
+    """Build lm-eval's task ``name`` on the cell's data; DataError if the data is not there."""
+    from lm_eval.api.task import ConfigurableTask
+
+    config = lm_eval_config(name)
+    version = str(config.get("metadata", {}).get("version", "?"))
+    split = dataset.settings["split"]
+    for kind in ("training_split", "validation_split", "test_split", "fewshot_split"):
+        config.pop(kind, None)
+    config[split_kind] = split
+    if num_fewshot:
+        config["fewshot_split"] = split  # lm-eval leaves the evaluated document out of its shots
+    local = local_file(dataset.path)
+    if local is not None:
+        config |= {"dataset_path": "json", "dataset_name": None,
+                   "dataset_kwargs": {"data_files": {split: str(local)}}}
+    else:
+        hub, _, subset = dataset.path.partition(":")
+        config |= {"dataset_path": hub, "dataset_name": subset or None, "dataset_kwargs": None}
+    config |= overrides | {"num_fewshot": num_fewshot}
+    config.pop("tag", None)
+    try:
+        task = ConfigurableTask(config=config)
+    except Exception as exc:  # noqa: BLE001 - any failure to find or read data is a data error
+        raise DataError(f"dataset '{dataset.name}' ({dataset.path}, split {split}) could not be "
+                        f"loaded for lm-eval task '{name}': {type(exc).__name__}: {str(exc)[:300]}") from None
+    if hasattr(task, "set_fewshot_seed"):
+        task.set_fewshot_seed(seed=seed)
+    return Prepared(name=name, task=task, version=version, limit=dataset.limit,
+                    batch_size=dataset.settings["batch_size"], seed=seed)
+
+
+def run(prepared: Prepared, model: Any, tokenizer: Any) -> list[dict[str, Any]]:
+    """Evaluate and return lm-eval's per-document samples."""
+    import random
+
+    import numpy as np
+    import torch
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    random.seed(prepared.seed)
+    np.random.seed(prepared.seed)
+    torch.manual_seed(prepared.seed)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=prepared.batch_size)
+    out = evaluate(lm, {prepared.name: prepared.task}, limit=prepared.limit, log_samples=True,
+                   bootstrap_iters=0, verbosity="ERROR")
+    return out["samples"][prepared.name]
+
+
+class BoolQ:
+    """lm-eval ``boolq`` on the official schema (``answer`` is a bool, lm-eval expects ``label``)."""
+
+    def prepare(self, dataset: Any, tokenizer: Any, seed: int = 0) -> Prepared:
+        return prepare_task("boolq", dataset, "validation_split",
+                            {"doc_to_target": "{{ 1 if answer else 0 }}"},
+                            dataset.settings["num_fewshot"], seed)
+
+    def evaluate(self, model: Any, tokenizer: Any, prepared: Prepared) -> EvalResult:
+        samples = run(prepared, model, tokenizer)
+        outcomes = [float(s["acc"]) for s in samples]
+        acc = proportion("acc", outcomes, f"accuracy: the answer (' yes' / ' no') with the higher "
+                         f"log-likelihood is right; lm-eval boolq v{prepared.version}, "
+                         f"{prepared.task.config.num_fewshot}-shot")
+        return EvalResult(primary=acc, metrics=[acc], task_version=f"lm-eval boolq {prepared.version}",
+                          examples=[Example(str(s["doc_id"]), "acc", o) for s, o in zip(samples, outcomes)])
+
+
+class GSM8K:
+    """lm-eval ``gsm8k``: greedy generation, exact match after the strict and flexible filters."""
+
+    def prepare(self, dataset: Any, tokenizer: Any, seed: int = 0) -> Prepared:
+        config = lm_eval_config("gsm8k")
+        generation = dict(config["generation_kwargs"]) | {"max_gen_toks": dataset.settings["max_gen_toks"]}
+        return prepare_task("gsm8k", dataset, "test_split", {"generation_kwargs": generation},
+                            dataset.settings["num_fewshot"], seed)
+
+    def evaluate(self, model: Any, tokenizer: Any, prepared: Prepared) -> EvalResult:
+        samples = run(prepared, model, tokenizer)
+        by_filter: dict[str, dict[int, float]] = {}
+        for s in samples:
+            by_filter.setdefault(s["filter"], {})[s["doc_id"]] = float(s["exact_match"])
+        shots = prepared.task.config.num_fewshot
+        gen = prepared.task.config.generation_kwargs.get("max_gen_toks")
+        metrics, examples = [], []
+        for filter_name, short in (("strict-match", "strict"), ("flexible-extract", "flexible")):
+            values = by_filter.get(filter_name, {})
+            if not values:
+                continue
+            name = f"exact_match_{short}"
+            metrics.append(proportion(name, list(values.values()),
+                                      f"exact match of the number after '#### ' ({filter_name} filter) "
+                                      f"with the reference; greedy, at most {gen} new tokens; "
+                                      f"lm-eval gsm8k v{prepared.version}, {shots}-shot"))
+            examples += [Example(str(doc), name, v) for doc, v in sorted(values.items())]
+        return EvalResult(primary=metrics[0], metrics=metrics, examples=examples,
+                          task_version=f"lm-eval gsm8k {prepared.version}")
+
+
+def word_perplexity(prepared: Prepared, model: Any, tokenizer: Any) -> tuple[list[Metric], list[Example]]:
+    """lm-eval ``wikitext``: rolling log-likelihood per document, per word / byte."""
+    samples = run(prepared, model, tokenizer)
+    docs = []
+    for s in samples:
+        loglik, words = s["word_perplexity"]
+        _, nbytes = s["byte_perplexity"]
+        docs.append((float(loglik), int(words), int(nbytes)))
+    total_ll = sum(d[0] for d in docs)
+    metrics = []
+    for name, index, unit in (("word_perplexity", 1, "word"), ("byte_perplexity", 2, "byte")):
+        units = sum(d[index] for d in docs)
+        rate = -total_ll / units  # nats per unit
+        se = _ratio_stderr([-d[0] for d in docs], [d[index] for d in docs])
+        value = math.exp(rate)
+        metrics.append(Metric(name, value, value * se if se is not None else None, len(docs),
+                              f"{unit}-level perplexity: exp(total NLL / {unit}s) over {len(docs)} "
+                              f"documents, rolling log-likelihood (lm-eval wikitext v{prepared.version}); "
+                              f"stderr by the delta method over documents"))
+    bits_se = _ratio_stderr([-d[0] / math.log(2) for d in docs], [d[2] for d in docs])
+    metrics.append(Metric("bits_per_byte", -total_ll / sum(d[2] for d in docs) / math.log(2), bits_se,
+                          len(docs), f"bits per UTF-8 byte: total NLL / bytes / ln 2 over {len(docs)} "
+                          f"documents (lm-eval wikitext v{prepared.version})"))
+    examples = [Example(str(s["doc_id"]), "doc_nll_per_word", -d[0] / max(d[1], 1)) for s, d in zip(samples, docs)]
+    return metrics, examples
+
+
+def _ratio_stderr(numerators: list[float], denominators: list[int]) -> float | None:
+    """Standard error of sum(x)/sum(w) over documents (linearisation)."""
+    n = len(numerators)
+    if n < 2:
+        return None
+    ratio = sum(numerators) / sum(denominators)
+    mean_w = sum(denominators) / n
+    residuals = [x - ratio * w for x, w in zip(numerators, denominators)]
+    variance = sum(r * r for r in residuals) / (n - 1)
+    return math.sqrt(variance / n) / mean_w
