@@ -5,6 +5,8 @@
 - ``columns``: every column of the row schema with its type and definition.
 - ``metrics``: long table, one row per (cell, metric): sweep, cell_id, model, method, bits,
   group_size, dataset, metric, value, stderr, n, definition, ci95_low, ci95_high.
+- ``layers``: one row per (cell, linear layer): what the method did to it — quantized or kept
+  (reason), the group layout used (``4x128+64`` for a ragged fallback), relative weight error.
 - ``examples``: long table, one row per (cell, example, metric): sweep, cell_id, model, method,
   method_params, bits, group_size, dataset, example_id, metric, value — join a quantized cell
   to its baseline on (model, dataset, example_id, metric) for paired comparisons.
@@ -21,7 +23,7 @@ from orchestrator.store import Store
 VIEWS = {
     "cells": """
         create or replace view cells as
-        select * exclude (metrics, examples) from latest_rows
+        select * exclude (metrics, examples, layers) from latest_rows
     """,
     "metrics": """
         create or replace view metrics as
@@ -29,6 +31,14 @@ VIEWS = {
                m.metric as metric, m.value as value, m.stderr as stderr, m.n as n,
                m.definition as definition, m.ci95_low as ci95_low, m.ci95_high as ci95_high
         from (select *, unnest(metrics) as m from latest_rows)
+    """,
+    "layers": """
+        create or replace view layers as
+        select sweep, cell_id, model, method, method_params, bits, group_size as requested_group_size,
+               l.name as layer, l.in_features as in_features, l.out_features as out_features,
+               l.quantized as quantized, l.group_layout as group_layout, l.fallback as fallback,
+               l.relative_error as relative_error, l.reason as reason
+        from (select *, unnest(layers) as l from latest_rows)
     """,
     "examples": """
         create or replace view examples as

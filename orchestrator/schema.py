@@ -26,6 +26,19 @@ METRIC = pa.struct([
     ("ci95_high", pa.float64()),
 ])
 
+LAYER = pa.struct([
+    ("name", pa.string()),
+    ("in_features", pa.int64()),
+    ("out_features", pa.int64()),
+    ("quantized", pa.bool_()),
+    ("bits", pa.int64()),
+    ("group_size", pa.int64()),
+    ("group_layout", pa.string()),
+    ("fallback", pa.string()),
+    ("relative_error", pa.float64()),
+    ("reason", pa.string()),
+])
+
 EXAMPLE = pa.struct([
     ("example_id", pa.string()),
     ("metric", pa.string()),
@@ -84,6 +97,9 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("layers_fallback", _I, "quantized layers whose width the group size does not divide (see fallback)"),
     ("layers_high_precision", _I, "linear layers left in the model's dtype"),
     ("fallback", _S, "what non-divisible layers got: ragged | divisor | skip; null when none"),
+    ("layers", pa.list_(LAYER), "per linear layer: quantized or kept (reason), bits, requested "
+     "group size, group layout actually used (e.g. 4x128+64), fallback, relative weight error "
+     "||W - Q(W)|| / ||W||"),
     ("weight_format", _S, "dense (unquantized) | fake-quant (dequantized weights) | a packed format"),
     ("kernel", _S, "kernel path evaluated and profiled: 'dense' (unquantized), 'dequantized' (low-bit "
      "weights held dequantized: no packed low-bit kernel ran, so speed says nothing of a packed format) "

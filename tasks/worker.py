@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from orchestrator.cells import Group
+from orchestrator.schema import LAYER
 from tasks.errors import NonFiniteError, classify, redact, short_traceback
 from tasks.evaluate.registry import get_task
 from tasks.models import load_model
@@ -32,6 +33,7 @@ from tasks.profile.trackers import MemoryTracker, Timer
 from tasks.quantize.registry import get_method
 
 log = logging.getLogger(__name__)
+LAYER_FIELDS = tuple(member.name for member in LAYER)
 
 
 @dataclass
@@ -141,6 +143,7 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
 
     with Timer(state.device) as profile_time:
         common |= profile_sizes(model, report)
+    common["layers"] = [{key: getattr(layer, key) for key in LAYER_FIELDS} for layer in report.layers]
     common |= {"time_load_s": load_time.seconds, "time_quantize_s": quant_time.seconds,
                "time_profile_s": profile_time.seconds}
     yield None, {"stage": "evaluate"}

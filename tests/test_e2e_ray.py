@@ -54,6 +54,10 @@ def test_sweep_end_to_end_on_two_logical_gpus(tmp_path, tiny_llama, text_file):
     baseline = next(r for r in ok if r[10] == "baseline")
     assert all(r[9] < baseline[9] for r in ok if r[10] == "rtn")
     assert con.execute("select count(*) from metrics where metric = 'token_perplexity'").fetchone() == (5,)
+    layouts = con.execute("""select requested_group_size, group_layout, count(*) from layers
+                             where method = 'rtn' and quantized group by all order by all""").fetchall()
+    # width 96 (6 layers a block) at group 64: a ragged last group of 32; width 128 (down_proj) divides
+    assert layouts == [(32, "3x32", 24), (32, "4x32", 4), (64, "1x64+32", 24), (64, "2x64", 4)]
 
     again = qsweep("run", str(spec_path), "--results", str(results), "--gpus", "2", "--no-progress", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
