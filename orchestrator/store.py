@@ -6,23 +6,36 @@ temporary file in the same directory, is fsynced, then renamed over the final na
 (or a crash) never sees a partial file. Rewriting a cell replaces its file; where a cell has
 rows in several files (between a compaction's rename and its deletes), readers keep the newest
 by ``finished_at``.
+
+``results`` is a local or shared-filesystem path, or a URI that ``pyarrow.fs`` understands
+(``s3://bucket/prefix``, ``gs://``, ``abfs://``, ``hdfs://``; for S3-compatible servers add
+``?endpoint_override=host:port&scheme=http`` or set ``AWS_ENDPOINT_URL``), or, failing that,
+one that ``fsspec`` understands. On an object store a single PUT is atomic: the file is
+serialized in memory and PUT to its final key, so no temporary key is needed; on other
+filesystems it is written to a temporary name and moved.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orchestrator.schema import SCHEMA, to_table
 
 TMP_PREFIX = ".tmp-"
+# Filesystems where one PUT creates the whole object or nothing (pyarrow's own, and fsspec's
+# seen through pyarrow as "py::fsspec+<protocol>").
+OBJECT_STORES = ("s3", "gcs", "gs", "abfs", "az")
 
 
 class StoreError(Exception):
@@ -30,18 +43,40 @@ class StoreError(Exception):
 
 
 class Store:
+    """The store at ``results``. ``root`` is a ``Path`` for a local path; for a URI it is the
+    URI without its query and credentials (safe to print), and ``fs``/``base`` address it."""
+
     def __init__(self, results: str | Path):
         results = str(results)
+        self.fs: pafs.FileSystem | None = None
+        if results.startswith("file://"):
+            results = results.removeprefix("file://")
         if "://" in results:
-            raise StoreError(f"--results {results}: object-store URIs are not supported yet; "
-                             "use a local or shared-filesystem path")
-        self.root = Path(results).expanduser().resolve()
+            self.fs, self.base = _filesystem(results)
+            parts = urlsplit(results)
+            self.root = f"{parts.scheme}://{parts.hostname or ''}{parts.path}".rstrip("/")
+        else:
+            self.root = Path(results).expanduser().resolve()
 
-    def cells_dir(self, sweep: str) -> Path:
+    def cells_dir(self, sweep: str) -> Path | str:
+        if self.fs is not None:
+            return f"{self.root}/{sweep}/cells"
         return self.root / sweep / "cells"
 
     def check_writable(self, sweep: str) -> None:
         """Fail fast, before any cell runs, when results cannot be written here."""
+        if self.fs is not None:
+            probe = f"{self.base}/{sweep}/cells/{TMP_PREFIX}probe-{uuid.uuid4().hex}"
+            try:
+                _put(self.fs, probe, b"\0" * 4096)
+                self.fs.delete_file(probe)
+            except OSError as exc:
+                raise StoreError(
+                    f"results location {self.cells_dir(sweep)} is not writable ({exc}); check "
+                    "the bucket exists and the credentials (AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or ?endpoint_override=host:port "
+                    "for S3-compatible servers), or pass another --results") from None
+            return
         directory = self.cells_dir(sweep)
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -59,12 +94,20 @@ class Store:
         """Write each row to its cell's file atomically; returns the final paths."""
         return [self._write_one(row) for row in rows]
 
-    def _write_one(self, row: dict[str, Any]) -> Path:
+    def _write_one(self, row: dict[str, Any]) -> Path | str:
+        if self.fs is not None:
+            path = f"{self.base}/{row['sweep']}/cells/{row['cell_id']}.parquet"
+            _put(self.fs, path, _parquet_bytes(to_table([row])))
+            return path
         directory = self.cells_dir(row["sweep"])
         return _atomic_write(to_table([row]), directory / f"{row['cell_id']}.parquet")
 
     def files(self, sweep: str | None = None) -> list[str]:
-        """Finished files, per-cell and compacted (temporary files are never listed)."""
+        """Finished files, per-cell and compacted (temporary files are never listed); paths
+        on ``fs`` for a URI store. Per-cell files are listed before compacted ones, so a reader
+        racing a compaction (which writes its part before deleting sources) misses no row."""
+        if self.fs is not None:
+            return [info.path for info in self._listing(sweep)]
         prefix = sweep or "*"
         paths = list(self.root.glob(f"{prefix}/cells/*.parquet")) + list(self.root.glob(f"{prefix}/compacted/*.parquet"))
         return sorted(str(p) for p in paths if not p.name.startswith(TMP_PREFIX))
@@ -76,6 +119,8 @@ class Store:
         deleted, and readers de-duplicate in between. A source rewritten meanwhile (its inode
         changed) is left in place, so a concurrent writer's row is never deleted.
         """
+        if self.fs is not None:
+            return self._compact_remote(sweep, rows_per_file)
         sources = self.files(sweep)
         self._remove_stale_tmp(sweep)
         if len(sources) <= 1:
@@ -96,10 +141,55 @@ class Store:
                 pass
         return len(sources), len(outputs)
 
+    def _compact_remote(self, sweep: str, rows_per_file: int) -> tuple[int, int]:
+        """``compact`` on a URI store: parts are PUT (atomic) before any source is deleted; a
+        source whose size or modification time changed since the listing was rewritten by a
+        writer meanwhile and is kept."""
+        infos = self._listing(sweep, include_tmp=True)
+        stale = time.time() - 3600
+        for info in infos:
+            if _is_tmp(info.path) and info.mtime is not None and info.mtime.timestamp() < stale:
+                self._delete(info.path)
+        sources = [info for info in infos if not _is_tmp(info.path)]
+        if len(sources) <= 1:
+            return len(sources), len(sources)
+        dataset = pads.dataset([i.path for i in sources], schema=SCHEMA, format="parquet",
+                               filesystem=self.fs)
+        table = _newest(dataset.to_table()).sort_by([("cell_id", "ascending")])
+        outputs = []
+        for start in range(0, max(table.num_rows, 1), rows_per_file):
+            part = f"{self.base}/{sweep}/compacted/part-{uuid.uuid4().hex}.parquet"
+            _put(self.fs, part, _parquet_bytes(table.slice(start, rows_per_file)))
+            outputs.append(part)
+        for info, now in zip(sources, self.fs.get_file_info([i.path for i in sources])):
+            if now.type == pafs.FileType.File and (now.size, now.mtime) == (info.size, info.mtime):
+                self._delete(info.path)
+        return len(sources), len(outputs)
+
+    def _delete(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    def _listing(self, sweep: str | None, include_tmp: bool = False) -> list[pafs.FileInfo]:
+        if sweep is None:
+            top = self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
+            sweeps = sorted(i.base_name for i in top if i.type == pafs.FileType.Directory)
+        else:
+            sweeps = [sweep]
+        infos = []
+        for name in sweeps:
+            for kind in ("cells", "compacted"):
+                selector = pafs.FileSelector(f"{self.base}/{name}/{kind}", allow_not_found=True)
+                found = self.fs.get_file_info(selector)
+                infos += sorted((i for i in found if i.type == pafs.FileType.File
+                                 and i.path.endswith(".parquet")
+                                 and (include_tmp or not _is_tmp(i.path))), key=lambda i: i.path)
+        return infos
+
     def _remove_stale_tmp(self, sweep: str, older_than_s: float = 3600) -> None:
         """Temporary files a killed writer left behind (never read; removed after an hour)."""
-        import time
-
         for directory in (self.root / sweep / "cells", self.root / sweep / "compacted"):
             for path in directory.glob(f"{TMP_PREFIX}*"):
                 try:
@@ -109,7 +199,7 @@ class Store:
                     pass
 
     def dataset(self, sweep: str | None = None) -> pads.Dataset:
-        return pads.dataset(self.files(sweep), schema=SCHEMA, format="parquet")
+        return pads.dataset(self.files(sweep), schema=SCHEMA, format="parquet", filesystem=self.fs)
 
     def read(self, sweep: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """All rows, newest per cell_id."""
@@ -127,6 +217,61 @@ def _newest(table: pa.Table) -> pa.Table:
             seen.add(cell_id)
             keep.append(i)
     return table.take(keep)
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``pyarrow.fs`` for the URI, else ``fsspec`` (wrapped for pyarrow) where installed."""
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError) as arrow_error:
+        try:
+            import fsspec.core
+        except ImportError:
+            raise StoreError(f"--results {urlsplit(uri).scheme}://...: {arrow_error}; install "
+                             "fsspec and the package for this scheme, or use s3://, gs://, "
+                             "abfs://, hdfs:// or a path") from None
+        try:
+            fsspec_fs, path = fsspec.core.url_to_fs(uri)
+        except (ImportError, ValueError) as exc:
+            raise StoreError(f"--results {urlsplit(uri).scheme}://...: neither pyarrow.fs nor "
+                             f"fsspec can open it ({exc})") from None
+        fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
+    except OSError as exc:
+        raise StoreError(f"--results {urlsplit(uri).scheme}://...: cannot open ({exc})") from None
+    return fs, path.rstrip("/")
+
+
+def _is_tmp(path: str) -> bool:
+    return path.rsplit("/", 1)[-1].startswith(TMP_PREFIX)
+
+
+def _parquet_bytes(table: pa.Table) -> pa.Buffer:
+    """Serialize first: an exception mid-write must never close (and so publish) a stream."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _put(fs: pafs.FileSystem, path: str, data: bytes | pa.Buffer) -> None:
+    """Publish ``data`` at ``path`` whole or not at all."""
+    protocol = fs.type_name.removeprefix("py::fsspec+")
+    if any(name in protocol for name in OBJECT_STORES):
+        with fs.open_output_stream(path) as out:  # one PUT (or a multipart upload) is atomic
+            out.write(data)
+        return
+    directory, name = path.rsplit("/", 1)
+    fs.create_dir(directory, recursive=True)
+    tmp = f"{directory}/{TMP_PREFIX}{name}-{uuid.uuid4().hex}"
+    try:
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _atomic_write(table: pa.Table, final: Path) -> Path:
