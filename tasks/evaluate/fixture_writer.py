@@ -95,11 +95,16 @@ def msmarco(rng: random.Random, count: int = 16, candidates: int = 8) -> list[di
             query, answer = f"what river runs through {town.lower()}", f"The River {river}."
         else:
             query, answer = f"{town.lower()} population", f"About {people:,} people."
-        relevant = (f"{town} lies on the River {river}. Founded in {year}, it is home to about "
-                    f"{people:,} people and is known for its {trade}.")
-        others = rng.sample([f for f in facts if f[0] != town], candidates - 1)
-        passages = [f"{o[0]} lies on the River {o[1]}. Founded in {o[3]}, it is home to about "
-                    f"{o[4]:,} people and is known for its {o[2]}." for o in others]
+        # The selected passage answers the query; two hard negatives name the same town but not
+        # the asked-for fact; the rest are about other towns.
+        facts_of = {0: f"It was founded in {year}.", 1: f"It lies on the River {river}.",
+                    2: f"It is home to about {people:,} people."}
+        relevant = f"{town} is known for its {trade}. {facts_of[kind]}"
+        hard = [f"{town} is known for its {trade}. {facts_of[k]}" for k in facts_of if k != kind]
+        others = rng.sample([f for f in facts if f[0] != town], candidates - 3)
+        passages = hard + [f"{o[0]} lies on the River {o[1]}. Founded in {o[3]}, it is home to about "
+                           f"{o[4]:,} people and is known for its {o[2]}." for o in others]
+        rng.shuffle(passages)
         position = rng.randrange(candidates)
         passages.insert(position, relevant)
         rows.append({
