@@ -66,14 +66,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", nargs="?", help="sweep name (default: all)")
     p.add_argument("--results", default="results", help="results directory (default: ./results)")
 
-    p = sub.add_parser("query", help="SQL over the results (views: cells, metrics)",
+    p = sub.add_parser("query", help="SQL or a named query over the results (views: cells, metrics, ...)",
                        description="Run SQL on DuckDB over the store. Views: cells (one row per "
                        "cell, newest wins), metrics (cell_id, dataset, metric, value, stderr, n, "
-                       "definition).")
-    p.add_argument("sql", help='e.g. "select method, bits, group_size, status from cells"')
+                       "definition), layers, examples, columns, metric_directions, baseline_deltas, "
+                       "pareto, table1 (columns: analysis/views.py, analysis/derived.py). A query "
+                       "sees only these views: no files, no network, no extensions.")
+    p.add_argument("sql", help='SQL, e.g. "select method, bits, group_size, status from cells", or a '
+                   f"named query: {_named_queries()}")
     p.add_argument("--results", default="results", help="results directory (default: ./results)")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
+    p.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table",
+                   help="output format (parquet needs --out)")
+    p.add_argument("--out", help="write the result to this file instead of stdout")
+
+    p = sub.add_parser("recommend", help="the best configs that meet a quality / size / speed budget",
+                       description="Configs on DATASET that meet every given constraint, best first, "
+                       "each with its evidence (score, delta and its uncertainty, size, speed). Says "
+                       "when nothing qualifies and which constraint binds. Cells flagged as anomalies "
+                       "are set aside.")
+    p.add_argument("--results", default="results", help="results directory (default: ./results)")
+    p.add_argument("--dataset", required=True, help="dataset name as in the spec")
+    p.add_argument("--metric", help="quality metric (default: the dataset's primary metric)")
+    p.add_argument("--model", help="only this model's configs")
+    quality = p.add_mutually_exclusive_group()
+    quality.add_argument("--max-drop", type=_drop, help="most quality lost vs the baseline, in the "
+                         "metric's units (0.01 = one accuracy point), or relative with %% (2%%)")
+    quality.add_argument("--min-recovery", type=_float, help="least recovery %% of the baseline (e.g. 99)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--max-weight-bytes", type=_size, help="largest weights: bytes or 170MB, 1.5GiB")
+    size.add_argument("--max-memory", type=_size, help="largest measured peak memory (NVML, CUDA "
+                      "reserved or CPU RSS, the first measured): bytes or 2GB")
+    p.add_argument("--max-latency-ms", type=_float, help="slowest per-token latency (tpot_p50_ms)")
+    p.add_argument("--by", choices=("size", "quality", "latency"), default="size",
+                   help="rank qualifying configs by (default: size)")
+    p.add_argument("--top", type=_positive, default=5, help="configs to show (default 5)")
+
+    p = sub.add_parser("report", help="plots (PNG) and one self-contained HTML page",
+                       description="Write PNG plots and report.html (images embedded) to OUT: "
+                       "quality vs bits per weight, group size x bits recovery heatmaps, Pareto "
+                       "fronts, latency and memory per method, failures and anomalies, Table 1.")
+    p.add_argument("--results", default="results", help="results directory (default: ./results)")
+    p.add_argument("--out", required=True, help="output directory")
     return parser
+
+
+def _named_queries() -> str:
+    from analysis.named import describe
+
+    return describe().replace("%", "%%")
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number >= 0")
+    return value
+
+
+def _drop(text: str) -> tuple[float, bool]:
+    relative = text.strip().endswith("%")
+    return _float(text.strip().rstrip("%")), relative
+
+
+def _size(text: str) -> int:
+    from analysis.recommend import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:
@@ -127,8 +191,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"sweep {spec.name}: {len(plan.cells)} cells in "
           f"{len({c.group_id for c in plan.cells})} quantization groups; {len(plan.done)} done, "
           f"{len(plan.skipped)} skipped by preflight, {len(plan.pending)} to run")
+    attribute = {"model": lambda c: c.model.name, "method": lambda c: c.method,
+                 "bits": lambda c: c.bits, "group_size": lambda c: c.group_size,
+                 "dataset": lambda c: c.dataset.name}
     for axis in AXES:
-        counts = Counter(str(c.axis_values()[axis]) for c in plan.cells)
+        counts = Counter(str(attribute[axis](c)) for c in plan.cells)
         print(f"  {axis:<11}" + ", ".join(f"{v}: {n}" for v, n in counts.items()))
     reasons = Counter(v.reason for v in plan.skipped.values())
     for reason, n in reasons.items():
@@ -137,7 +204,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  skip ({n} cells, e.g. {_label(example)}): {reason}")
     notes = Counter(plan.notes.values())
     for note, n in notes.items():
-        print(f"  note ({n} cells): {note}")
+        # a deferred check is a check not done: say so louder than a fallback note
+        print(f"  {'WARNING' if 'deferred' in note else 'note'} ({n} cells): {note}")
     if args.cells:
         rows = [(c.cell_id, c.model.name, c.method, _params(c), c.bits, c.group_size, c.dataset.name,
                  "done" if c.cell_id in plan.done else "skip" if c.cell_id in plan.skipped else "to run")
@@ -190,9 +258,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cells = expand(spec)
     store = Store(args.results)
-    rows = {}
+    rows, timings = {}, []
     if store.files(spec.name):
-        rows = {r["cell_id"]: r["status"] for r in store.read(spec.name, columns=["status"]).to_pylist()}
+        timing_columns = ["status", "group_id", "time_overhead_s", "time_load_s", "time_quantize_s",
+                          "time_evaluate_s", "time_profile_s"]
+        wanted = {c.cell_id for c in cells}
+        timings = [r for r in store.read(spec.name, columns=timing_columns).to_pylist() if r["cell_id"] in wanted]
+        rows = {r["cell_id"]: r["status"] for r in timings}
     states = ("ok", "failed", "timeout", "skipped", "missing")
     table = {axis: defaultdict(Counter) for axis in AXES}
     for cell in cells:
@@ -204,7 +276,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(render(["axis", "value", *states],
                  [(axis, value, *(counts[s] for s in states))
                   for axis in AXES for value, counts in table[axis].items()]))
+    print(overhead_line(timings))
     return EXIT_OK
+
+
+def overhead_line(rows: list[dict]) -> str:
+    """Orchestration overhead (Ray + driver) against the compute it served."""
+    measured = [r for r in rows if r.get("time_overhead_s") is not None]
+    if not measured:
+        return "orchestration overhead: not measured (no rows with time_overhead_s)"
+    overhead = sorted(r["time_overhead_s"] for r in measured)
+    groups = {r["group_id"]: (r["time_load_s"] or 0) + (r["time_quantize_s"] or 0) for r in measured}
+    compute = sum(groups.values()) + sum((r["time_evaluate_s"] or 0) + (r["time_profile_s"] or 0) for r in measured)
+    share = f", {100 * sum(overhead) / compute:.2f}% of the cells' compute ({compute:.1f} s)" if compute else ""
+    return (f"orchestration overhead: median {1000 * overhead[len(overhead) // 2]:.1f} ms per cell, "
+            f"total {sum(overhead):.2f} s over {len(measured)} cells{share}")
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
@@ -224,9 +310,21 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     from analysis.views import connect
 
+    from analysis.named import resolve
+
+    if args.format == "parquet" and not args.out:
+        print("qsweep query: --format parquet writes a file: add --out PATH", file=sys.stderr)
+        return EXIT_USAGE
     con = connect(args.results)
     try:
-        rel = con.execute(args.sql)
+        if args.format == "parquet":
+            import pyarrow.parquet as pq
+
+            relation = con.sql(resolve(args.sql))
+            if relation is not None:
+                pq.write_table(relation.to_arrow_table(), args.out)
+            return EXIT_OK
+        rel = con.execute(resolve(args.sql))
     except duckdb.Error as exc:
         print(f"qsweep query: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -234,18 +332,63 @@ def cmd_query(args: argparse.Namespace) -> int:
         return EXIT_OK
     columns = [d[0] for d in rel.description]
     rows = rel.fetchall()
-    if args.format == "table":
-        print(render(columns, rows, max_width=80))
-    elif args.format == "csv":
-        import csv
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        if args.format == "table":
+            print(render(columns, rows, max_width=80), file=out)
+        elif args.format == "csv":
+            import csv
 
-        writer = csv.writer(sys.stdout)
-        writer.writerow(columns)
-        writer.writerows(rows)
+            writer = csv.writer(out)
+            writer.writerow(columns)
+            writer.writerows(rows)
+        else:
+            import json
+
+            print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1), file=out)
+    finally:
+        if args.out:
+            out.close()
+    return EXIT_OK
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from analysis.recommend import Budget, BudgetError, evidence, recommend
+    from analysis.views import connect
+
+    drop, relative = args.max_drop or (None, False)
+    budget = Budget(max_drop=drop, max_drop_relative=relative, min_recovery=args.min_recovery,
+                    max_weight_bytes=args.max_weight_bytes, max_memory=args.max_memory,
+                    max_latency_ms=args.max_latency_ms)
+    try:
+        answer = recommend(connect(args.results), args.dataset, budget, metric=args.metric,
+                           model=args.model, rank=args.by, top=args.top)
+    except BudgetError as exc:
+        print(f"qsweep recommend: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    direction = "higher" if answer.higher_is_better else "lower"
+    asked = "; ".join(answer.constraints.values()) or "no constraint"
+    print(f"{answer.dataset} / {answer.metric} ({direction} is better): {answer.candidates} configs; "
+          f"budget: {asked}")
+    if answer.picks:
+        print(f"{len(answer.picks)} best by {args.by}:")
+        for i, row in enumerate(answer.picks, 1):
+            print(f"  {i}. {row['model']} {row['config']}\n     {evidence(row, answer.metric)}")
     else:
-        import json
+        print("no config meets the budget" + (f"; binding: {', '.join('--' + b for b in answer.binding)}"
+                                              if answer.binding else ""))
+        for line in answer.diagnosis:
+            print(f"  {line}")
+    for row in answer.set_aside:
+        print(f"  set aside: {row['model']} {row['config']}: {row['anomaly']}")
+    return EXIT_OK
 
-        print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import write_report
+
+    page = write_report(args.results, args.out)
+    print(f"report: {page}")
     return EXIT_OK
 
 
@@ -258,7 +401,7 @@ def _label(cell) -> str:
 
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "compact": cmd_compact,
-            "query": cmd_query}
+            "query": cmd_query, "recommend": cmd_recommend, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

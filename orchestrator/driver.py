@@ -55,9 +55,15 @@ def make_plan(spec: Spec, store: Store | None) -> Plan:
         table = store.read(spec.name, columns=["cell_id", "status", "error_message", "attempts"])
         existing = {r["cell_id"]: r for r in table.to_pylist()}
     done = {cid for cid, r in existing.items() if r["status"] in DONE_STATUSES}
-    skipped, notes, pending = {}, {}, []
+    skipped, notes, pending, verdicts = {}, {}, [], {}
     for cell in cells:
-        verdict = check(cell, facts[cell.model.path], memory)
+        # A verdict depends on these alone: decide once per distinct combination.
+        key = (cell.model.path, cell.model.dtype, cell.method, cell.params.get("fallback"),
+               cell.group_size, cell.dataset.name, cell.dataset.path,
+               (cell.calibration or {}).get("dataset"))
+        verdict = verdicts.get(key)
+        if verdict is None:
+            verdict = verdicts[key] = check(cell, facts[cell.model.path], memory)
         if verdict.note:
             notes[cell.cell_id] = verdict.note
         if verdict.skip:
@@ -99,6 +105,8 @@ class Running:
     deadline: float | None
     got_any: bool = False  # a cell's row came back from this run
     stage: str = "quantize"  # "evaluate" once the worker says quantization is done
+    last_event: float = field(default_factory=time.monotonic)  # submission or previous item
+    carried_overhead: float = 0.0  # driver/Ray time around the group's load+quantize
 
 
 def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int | None = None,
@@ -212,9 +220,14 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
                 continue
             if spec.timeout_s:  # each stage and each cell gets timeout_s of its own
                 run.deadline = time.monotonic() + spec.timeout_s
+            waited, run.last_event = time.monotonic() - run.last_event, time.monotonic()
+            overhead = max(0.0, waited - partial.pop("time_worker_s", waited))
             if cell_id is None:
                 run.stage = partial["stage"]
+                run.carried_overhead += overhead
                 continue
+            partial["time_overhead_s"] = overhead + run.carried_overhead
+            run.carried_overhead = 0.0
             cell = next(c for c in run.remaining if c.cell_id == cell_id)
             run.remaining.remove(cell)
             run.got_any = True
@@ -304,10 +317,15 @@ class CellActor:
         return os.getpid()
 
     def run_group(self, group: Group, oom_retries: int):
-        """Streams ``(cell_id, partial row)`` per finished cell (``num_returns="streaming"``)."""
+        """Streams ``(cell_id, partial row)`` per finished cell (``num_returns="streaming"``),
+        each with ``time_worker_s``: the actor's own wall time since its previous item."""
         from tasks.worker import run_group
 
-        yield from run_group(group, self.state, oom_retries)
+        mark = time.perf_counter()
+        for cell_id, row in run_group(group, self.state, oom_retries):
+            row["time_worker_s"] = time.perf_counter() - mark
+            yield cell_id, row
+            mark = time.perf_counter()
 
 
 class ActorPool:

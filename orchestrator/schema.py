@@ -173,6 +173,9 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("time_evaluate_s", _F, "wall seconds of this cell's evaluation (data preparation included)"),
     ("time_profile_s", _F, "wall seconds of this cell's profile: size accounting (once per group, the "
      "same in each of its cells) plus this cell's latency, throughput and memory runs"),
+    ("time_overhead_s", _F, "orchestration overhead for this cell: the driver's wait for its row "
+     "minus the actor's own wall time for it (Ray scheduling, serialisation, transport); the "
+     "group's share around load+quantize is added to its first cell"),
     ("started_at", _T, "when the cell's group started on the actor"),
     ("finished_at", _T, "when this cell's row was made; newest wins when a cell has several rows"),
 ]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
 import re
 import types
 import typing
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,11 @@ class ModelEntry:
     dtype: str
     trust_remote_code: bool = False
 
+    @cached_property
+    def canonical(self) -> str:
+        """Canonical JSON of the fields that identify the model in a cell."""
+        return canonical_json({"name": self.name, "path": self.path, "dtype": self.dtype})
+
 
 @dataclass(frozen=True)
 class MethodVariant:
@@ -72,6 +79,10 @@ class MethodVariant:
 
     name: str
     params: dict[str, Any]
+
+    @cached_property
+    def canonical(self) -> str:
+        return canonical_json(self.params)
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,11 @@ class DatasetEntry:
     path: str
     limit: int | None
     settings: dict[str, Any]
+
+    @cached_property
+    def canonical(self) -> str:
+        return canonical_json({"name": self.name, "task": self.task, "path": self.path,
+                               "limit": self.limit, "settings": self.settings})
 
 
 @dataclass(frozen=True)
@@ -100,6 +116,11 @@ class Spec:
     timeout_s: float | None
     raw: dict[str, Any] = field(repr=False, compare=False)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+def canonical_json(payload: Any) -> str:
+    """The one canonical JSON encoding behind every hash: sorted keys, no spaces."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
 
 
 class _Problems:
@@ -240,6 +261,7 @@ def _parse_models(value: Any, problems: _Problems) -> list[ModelEntry]:
 
 def _parse_methods(value: Any, problems: _Problems) -> list[MethodVariant]:
     variants: list[MethodVariant] = []
+    seen: set[tuple] = set()  # across entries: the same variant twice is one variant
     for i, entry in _entries(value, "methods", problems, "{name: rtn, sym: [true, false]}"):
         where = f"methods[{i}]"
         try:
@@ -260,7 +282,6 @@ def _parse_methods(value: Any, problems: _Problems) -> list[MethodVariant]:
         if any(len(v) == 0 for v in axes.values()):
             problems.add(where, params, "a parameter list must not be empty")
             continue
-        seen = set()
         for combo in itertools.product(*axes.values()):
             chosen = dict(zip(axes, combo))
             try:
@@ -271,7 +292,7 @@ def _parse_methods(value: Any, problems: _Problems) -> list[MethodVariant]:
                     problems.add(f"{where}.{loc}", err.get("input"), _pydantic_message(err, info.config))
                 break
             normal = config.model_dump()
-            key = tuple(sorted(normal.items()))
+            key = (info.name, tuple(sorted(normal.items())))
             if key not in seen:  # e.g. zero_point is irrelevant when sym is true
                 seen.add(key)
                 variants.append(MethodVariant(name=info.name, params=normal))

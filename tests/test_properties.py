@@ -7,7 +7,7 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.cells import count_cells, expand, group_cells
+from orchestrator.cells import canonical_hash, count_cells, expand, group_cells
 from orchestrator.spec import TOP_LEVEL_KEYS, Spec, SpecError, parse_spec
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True),
@@ -63,6 +63,9 @@ def test_cell_ids_unique_stable_and_order_free(raw, salt):
     assert len(cells) <= count_cells(spec)
     again = [c.cell_id for c in expand(parse_spec(shuffled(raw, random.Random(salt))))]
     assert sorted(again) == sorted(ids)
+    for cell in cells[:20]:  # the assembled hash is the plain canonical-JSON hash
+        assert cell.cell_id == canonical_hash(cell.identity())[:24]
+        assert cell.group_id == canonical_hash({**cell.quant_identity(), "schema_version": 1})[:24]
     for group in group_cells(cells):
         assert {c.group_id for c in group.cells} == {group.group_id}
         assert len({c.dataset.name for c in group.cells}) == len(group.cells)
