@@ -20,13 +20,14 @@ pytestmark = pytest.mark.chaos
 
 
 def rows_now(results) -> list[tuple]:
-    store = Store(results)
-    if not store.files():
-        return []
-    try:
-        return connect(str(results)).execute("select cell_id, actor, attempts from cells").fetchall()
-    except Exception:  # a file replaced while listing: look again
-        return rows_now(results)
+    for _ in range(20):
+        if not Store(results).files():
+            return []
+        try:
+            return connect(str(results)).execute("select cell_id, actor, attempts from cells").fetchall()
+        except Exception:  # a file replaced between listing and reading: look again
+            time.sleep(0.1)
+    raise AssertionError("the store stayed unreadable")
 
 
 def wait_for(predicate, timeout_s: float, what: str):
@@ -49,6 +50,7 @@ def test_actor_and_driver_killed_mid_sweep(tmp_path, tiny_llama):
         # ~1 s per cell on one core: long enough to be killed in the middle of one
         "datasets": [{"name": "docs", "task": "perplexity", "path": "builtin:pydoc-topics",
                       "limit": 300, "seq_len": 128, "batch_size": 8}],
+        "profile": {"prompt_len": 8, "gen_len": 2, "batch_sizes": [1], "repeats": 1, "warmup": 0},
         "cpu_actors": 2,
     }
     path = tmp_path / "chaos.yaml"
@@ -63,10 +65,10 @@ def test_actor_and_driver_killed_mid_sweep(tmp_path, tiny_llama):
     driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        first = wait_for(lambda: rows_now(results), 180, "the first rows")
+        first = wait_for(lambda: rows_now(results), 400, "the first rows")
         victim = int(first[0][1].split("@")[0])
         os.kill(victim, signal.SIGKILL)  # an actor, busy with its next cell
-        wait_for(lambda: len(rows_now(results)) >= len(first) + 3, 180, "rows after the actor kill")
+        wait_for(lambda: len(rows_now(results)) >= len(first) + 3, 400, "rows after the actor kill")
         driver.kill()  # kill -9 the driver mid-sweep
         driver.wait(30)
     finally:
