@@ -10,6 +10,9 @@
 - ``examples``: long table, one row per (cell, example, metric): sweep, cell_id, model, method,
   method_params, bits, group_size, dataset, example_id, metric, value — join a quantized cell
   to its baseline on (model, dataset, example_id, metric) for paired comparisons.
+- ``metric_directions``: each quality metric, whether higher is better, its per-example
+  record and paired test (analysis.quality).
+- ``baseline_deltas``, ``pareto``, ``table1``: see analysis.derived for their columns.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
+from analysis.derived import DERIVED_VIEWS, prepare, seal
 from orchestrator.schema import COLUMNS
 from orchestrator.store import Store
 
@@ -46,11 +50,13 @@ VIEWS = {
                e.example_id as example_id, e.metric as metric, e.value as value
         from (select *, unnest(examples) as e from latest_rows)
     """,
+    **DERIVED_VIEWS,
 }
 
 
 def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the store's views; reads only, loads no extension."""
+    """An in-memory DuckDB connection with the store's views; reads only the store, loads no
+    extension, and is sealed (no file or network access from a query)."""
     con = duckdb.connect(config={"autoinstall_known_extensions": False,
                                  "autoload_known_extensions": False})
     con.register("raw_rows", Store(results).dataset(sweep))
@@ -59,6 +65,7 @@ def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection
         select * from raw_rows
         qualify row_number() over (partition by cell_id order by finished_at desc) = 1
     """)
+    prepare(con)
     for sql in VIEWS.values():
         con.execute(sql)
     con.register("columns", pa.table({
@@ -66,4 +73,5 @@ def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection
         "type": [str(dtype) for _, dtype, _ in COLUMNS],
         "definition": [doc for _, _, doc in COLUMNS],
     }))
+    seal(con)
     return con

@@ -121,7 +121,7 @@ def _float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value != value or value < 0:
+    if not value >= 0:  # NaN too
         raise argparse.ArgumentTypeError(f"{text!r} must be a number >= 0")
     return value
 
@@ -308,9 +308,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
-    from analysis.views import connect
-
     from analysis.named import resolve
+    from analysis.views import connect
 
     if args.format == "parquet" and not args.out:
         print("qsweep query: --format parquet writes a file: add --out PATH", file=sys.stderr)
@@ -332,7 +331,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         return EXIT_OK
     columns = [d[0] for d in rel.description]
     rows = rel.fetchall()
-    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 (stdout or a file)
     try:
         if args.format == "table":
             print(render(columns, rows, max_width=80), file=out)

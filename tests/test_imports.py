@@ -14,6 +14,8 @@ def test_driver_side_imports_no_torch():
 import sys
 import orchestrator.cli, orchestrator.driver, orchestrator.spec, orchestrator.cells
 import orchestrator.store, orchestrator.preflight, orchestrator.schema, analysis.views
+import analysis.derived, analysis.quality, analysis.recommend, analysis.named
+import analysis.plots, analysis.report
 from orchestrator.cli import main
 assert main(["plan", "sweeps/demo.yaml", "--results", sys.argv[1]]) == 0
 heavy = [m for m in ("torch", "transformers", "tasks.worker") if m in sys.modules]

@@ -1,0 +1,216 @@
+"""Views that turn rows into decisions: ``baseline_deltas``, ``pareto``, ``table1``.
+
+Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_directions``
+(analysis.quality). Columns:
+
+- ``baseline_deltas``: one row per (ok quantized cell, quality metric) joined to the same
+  model's newest ok baseline on the same dataset, settings and metric (same dtype preferred).
+  Identity (sweep, cell_id, model, method, method_params, bits, group_size, config, dataset,
+  metric, is_primary, higher_is_better), baseline_cell_id, baseline_value, value,
+  ``delta`` (value - baseline), ``relative_delta_pct`` (100 * delta / |baseline|),
+  ``quality_drop`` (how much worse, in the metric's units: > 0 worse, < 0 better),
+  ``relative_drop_pct``, ``recovery_pct`` (100 * value / baseline when higher is better,
+  100 * baseline / value when lower is better), ``delta_stderr`` (paired from the per-example
+  records when both cells have them, else sqrt(se^2 + se_baseline^2)), ``paired_n``,
+  ``test`` (mcnemar | paired-bootstrap | null), ``p_value``, ``discordant_better`` /
+  ``discordant_worse`` (McNemar's pairs), size (weight_bytes, baseline_weight_bytes,
+  ``weight_change_pct``, ``compression_ratio`` = baseline / quantized, bits_per_weight),
+  speed and memory (kernel, weight_format, ``speed_claim`` = false for a dequantized
+  fake-quant kernel, ttft_ms, tpot_p50_ms, throughput_tok_s and the baseline's
+  ``baseline_tpot_p50_ms``, ``memory_bytes`` with ``memory_kind`` = the first measured of
+  nvml_peak_process_bytes, cuda_peak_reserved_bytes, peak_rss_bytes) and ``anomaly``: null,
+  or '; '-joined flags: ``beats baseline beyond its uncertainty`` (better with p < 0.05, or by
+  more than 1.96 delta_stderr when unpaired), ``non-finite metric``, ``larger than baseline``.
+- ``pareto``: the non-dominated ok cells per (model, dataset, primary metric) over quality
+  (direction-aware), weight_bytes (lower) and per-token latency tpot_p50_ms (lower; a cell
+  without latency counts as infinitely slow). Columns: model, dataset, metric, cell_id,
+  method, method_params, bits, group_size, config, score, weight_bytes, bits_per_weight,
+  latency_ms, kernel, speed_claim.
+- ``table1``: the seed paper's Table 1 shape, one row per baseline (model, dataset, metric):
+  baseline_score, best_quantized_score (best primary score among quantized cells with no
+  anomaly), best_method (its config), bits, group_size, recovery_pct, p_value,
+  baseline_weight_mb, quantized_weight_mb, memory_change_pct (weight bytes, quantized vs
+  baseline), quantized_cells, flagged_cells (set aside for an anomaly).
+"""
+
+from __future__ import annotations
+
+import atexit
+import weakref
+
+import duckdb
+
+from analysis.quality import SIGNIFICANCE, directions_table, paired_bootstrap_p
+
+CONFIG_LABEL = """{t}method || coalesce('(' || nullif(regexp_replace({t}method_params, '[{{}}" ]', '', 'g'), '') || ')', '')
+       || coalesce(' w' || {t}bits, '') || coalesce(' g' || {t}group_size, '')"""
+
+DERIVED_VIEWS = {
+    "baseline_deltas": f"""
+        create or replace view baseline_deltas as
+        with quality as (
+            select c.sweep, c.cell_id, c.model, c.dtype, c.method, c.method_params, c.bits, c.group_size,
+                   {CONFIG_LABEL.format(t='c.')} as config,
+                   c.dataset, c.eval_settings, c."limit", c.finished_at, m.metric, m.value, m.stderr,
+                   m.metric = c.primary_metric as is_primary, d.higher_is_better, d.example_metric,
+                   d.test, d.scale, c.weight_bytes, c.bits_per_weight, c.kernel, c.weight_format,
+                   c.ttft_ms, c.tpot_p50_ms, c.throughput_tok_s,
+                   coalesce(c.nvml_peak_process_bytes, c.cuda_peak_reserved_bytes, c.peak_rss_bytes) as memory_bytes,
+                   case when c.nvml_peak_process_bytes is not null then 'nvml_peak_process_bytes'
+                        when c.cuda_peak_reserved_bytes is not null then 'cuda_peak_reserved_bytes'
+                        when c.peak_rss_bytes is not null then 'peak_rss_bytes' end as memory_kind
+            from cells c
+            join metrics m on m.cell_id = c.cell_id
+            join metric_directions d on d.metric = m.metric
+            where c.status = 'ok'
+        ),
+        pairs as (
+            select q.*, b.cell_id as baseline_cell_id, b.value as baseline_value,
+                   b.stderr as baseline_stderr, b.weight_bytes as baseline_weight_bytes,
+                   b.tpot_p50_ms as baseline_tpot_p50_ms, b.memory_bytes as baseline_memory_bytes
+            from quality q
+            join quality b on b.method = 'baseline' and q.method <> 'baseline'
+                 and b.model = q.model and b.dataset = q.dataset and b.metric = q.metric
+                 and b.eval_settings is not distinct from q.eval_settings
+                 and b."limit" is not distinct from q."limit"
+            qualify row_number() over (partition by q.cell_id, q.metric
+                                       order by (b.dtype is not distinct from q.dtype) desc,
+                                                b.finished_at desc) = 1
+        ),
+        paired as (
+            select p.cell_id, p.metric, count(*) as n,
+                   avg(eq.value) as mean_q, avg(eb.value) as mean_b,
+                   coalesce(var_samp(eq.value), 0) as var_q, coalesce(var_samp(eb.value), 0) as var_b,
+                   coalesce(covar_samp(eq.value, eb.value), 0) as cov_qb,
+                   count(*) filter (where eq.value > eb.value) as q_higher,
+                   count(*) filter (where eq.value < eb.value) as q_lower,
+                   list(eq.value - eb.value) as diffs
+            from pairs p
+            join examples eq on eq.cell_id = p.cell_id and eq.metric = p.example_metric
+            join examples eb on eb.cell_id = p.baseline_cell_id and eb.metric = p.example_metric
+                 and eb.example_id = eq.example_id
+            group by p.cell_id, p.metric
+        ),
+        tested as (
+            select p.*, t.n as paired_n,
+                   case when t.n > 0 then p.test end as paired_test,
+                   case when t.n is null then sqrt(p.stderr ^ 2 + p.baseline_stderr ^ 2)
+                        when p.scale = 'exp' then sqrt(greatest(exp(2 * t.mean_q) * t.var_q + exp(2 * t.mean_b) * t.var_b
+                                                                - 2 * exp(t.mean_q + t.mean_b) * t.cov_qb, 0) / t.n)
+                        else sqrt(greatest(t.var_q + t.var_b - 2 * t.cov_qb, 0) / t.n) end as delta_stderr,
+                   case when p.higher_is_better then t.q_higher else t.q_lower end as discordant_better,
+                   case when p.higher_is_better then t.q_lower else t.q_higher end as discordant_worse,
+                   case when t.n is null then null
+                        when p.test = 'mcnemar' then least(1.0, 2 * list_sum(
+                            [exp(lgamma(t.q_higher + t.q_lower + 1) - lgamma(k + 1)
+                                 - lgamma(t.q_higher + t.q_lower - k + 1) - (t.q_higher + t.q_lower) * ln(2))
+                             for k in range(0, least(t.q_higher, t.q_lower) + 1)]))
+                        when p.test = 'paired-bootstrap' then qsweep_paired_bootstrap_p(t.diffs) end as p_value
+            from pairs p left join paired t on t.cell_id = p.cell_id and t.metric = p.metric
+        ),
+        scored as (
+            select *, value - baseline_value as delta,
+                   case when higher_is_better then baseline_value - value else value - baseline_value end as quality_drop
+            from tested
+        )
+        select sweep, cell_id, model, method, method_params, bits, group_size, config, dataset,
+               metric, is_primary, higher_is_better, baseline_cell_id, baseline_value, value, delta,
+               100 * delta / nullif(abs(baseline_value), 0) as relative_delta_pct,
+               quality_drop, 100 * quality_drop / nullif(abs(baseline_value), 0) as relative_drop_pct,
+               case when higher_is_better then 100 * value / nullif(baseline_value, 0)
+                    else 100 * baseline_value / nullif(value, 0) end as recovery_pct,
+               delta_stderr, paired_n, paired_test as test, p_value, discordant_better, discordant_worse,
+               weight_bytes, baseline_weight_bytes,
+               100 * (weight_bytes / nullif(baseline_weight_bytes, 0) - 1) as weight_change_pct,
+               baseline_weight_bytes / nullif(weight_bytes, 0) as compression_ratio, bits_per_weight,
+               kernel, weight_format, coalesce(kernel <> 'dequantized', false) as speed_claim,
+               ttft_ms, tpot_p50_ms, throughput_tok_s, baseline_tpot_p50_ms,
+               memory_bytes, memory_kind, baseline_memory_bytes,
+               nullif(concat_ws('; ',
+                   case when quality_drop < 0 and (p_value < {SIGNIFICANCE}
+                             or (p_value is null and -quality_drop > 1.96 * delta_stderr))
+                        then 'beats baseline beyond its uncertainty' end,
+                   case when not coalesce(isfinite(value) and isfinite(baseline_value), false)
+                        then 'non-finite metric' end,
+                   case when weight_bytes > baseline_weight_bytes then 'larger than baseline' end), '') as anomaly
+        from scored
+    """,
+    "pareto": f"""
+        create or replace view pareto as
+        with points as (
+            select model, dataset, primary_metric as metric, cell_id, method, method_params, bits,
+                   group_size, {CONFIG_LABEL.format(t='')} as config, primary_value as score, weight_bytes,
+                   bits_per_weight, tpot_p50_ms as latency_ms, kernel,
+                   coalesce(kernel <> 'dequantized', false) as speed_claim,
+                   case when d.higher_is_better then primary_value else -primary_value end as q,
+                   coalesce(tpot_p50_ms, 'infinity'::double) as lat
+            from cells c join metric_directions d on d.metric = c.primary_metric
+            where status = 'ok' and isfinite(primary_value) and weight_bytes is not null
+        ),
+        -- Cheap first pass: within one (model, dataset, weight size), a cell is dominated when a
+        -- cell at least as good is strictly faster. Exact dominance runs on the survivors.
+        candidates as (
+            select * from points
+            qualify coalesce(min(lat) over (partition by model, dataset, metric, weight_bytes
+                                            order by q desc, lat asc
+                                            rows between unbounded preceding and 1 preceding)
+                             >= lat, true)
+        )
+        select model, dataset, metric, cell_id, method, method_params, bits, group_size, config,
+               score, weight_bytes, bits_per_weight, latency_ms, kernel, speed_claim
+        from candidates p
+        where not exists (
+            select 1 from candidates o
+            where o.model = p.model and o.dataset = p.dataset and o.metric = p.metric
+              and o.q >= p.q and o.weight_bytes <= p.weight_bytes and o.lat <= p.lat
+              and (o.q > p.q or o.weight_bytes < p.weight_bytes or o.lat < p.lat))
+    """,
+    "table1": """
+        create or replace view table1 as
+        with base as (
+            select cell_id, model, dataset, primary_metric as metric, primary_value, weight_bytes
+            from cells where method = 'baseline' and status = 'ok'
+        ),
+        primary_deltas as (select * from baseline_deltas where is_primary),
+        best as (
+            select * from primary_deltas where anomaly is null
+            qualify row_number() over (partition by baseline_cell_id
+                                       order by quality_drop, weight_bytes, cell_id) = 1
+        ),
+        counts as (
+            select baseline_cell_id, count(*) as quantized_cells,
+                   count(*) filter (where anomaly is not null) as flagged_cells
+            from primary_deltas group by baseline_cell_id
+        )
+        select base.model, base.dataset, base.metric, base.primary_value as baseline_score,
+               best.value as best_quantized_score, best.config as best_method, best.bits, best.group_size,
+               best.recovery_pct, best.p_value,
+               base.weight_bytes / 1e6 as baseline_weight_mb, best.weight_bytes / 1e6 as quantized_weight_mb,
+               best.weight_change_pct as memory_change_pct,
+               coalesce(counts.quantized_cells, 0) as quantized_cells,
+               coalesce(counts.flagged_cells, 0) as flagged_cells
+        from base
+        left join best on best.baseline_cell_id = base.cell_id
+        left join counts on counts.baseline_cell_id = base.cell_id
+        order by base.model, base.dataset, base.metric
+    """,
+}
+
+
+def prepare(con: duckdb.DuckDBPyConnection) -> None:
+    """What the derived views need before they are created: the direction table and the
+    paired-bootstrap function."""
+    con.register("metric_directions", directions_table())
+    con.create_function("qsweep_paired_bootstrap_p", paired_bootstrap_p, ["DOUBLE[]"], "DOUBLE",
+                        side_effects=False)
+    # A connection holding a Python function must be closed before the interpreter exits.
+    ref = weakref.ref(con)
+    atexit.register(lambda: (c := ref()) is not None and c.close())
+
+
+def seal(con: duckdb.DuckDBPyConnection) -> None:
+    """After the views exist: no file or network access, no extension, no Python variables as
+    tables, and no way for a query to undo it."""
+    for setting in ("enable_external_access", "python_enable_replacements", "allow_community_extensions"):
+        con.execute(f"set {setting} = false")
+    con.execute("set lock_configuration = true")

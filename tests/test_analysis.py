@@ -1,0 +1,209 @@
+"""Analysis views, recommend and the query CLI on a small synthetic store (seconds, no model)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import random
+
+import pyarrow.parquet as pq
+import pytest
+
+from analysis.quality import mcnemar_p, paired_bootstrap_p
+from analysis.recommend import Budget, BudgetError, parse_bytes, recommend
+from analysis.views import connect
+from orchestrator.cli import main
+from orchestrator.store import Store
+
+AT = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+BASE_BYTES = 500_000_000
+
+
+def cell(cell_id, method="rtn", bits=4, group_size=64, dataset="bq", status="ok", value=None,
+         correct=None, nll=None, weight_bytes=None, tpot=50.0, model="m", sym=True):
+    """One row; ``correct`` (0/1 per example) makes an ``acc`` dataset, ``nll`` (per window) a
+    token-perplexity one."""
+    quantized = method != "baseline"
+    row = {"schema_version": 1, "sweep": "s", "cell_id": cell_id, "model": model, "dtype": "float32",
+           "method": method, "method_params": json.dumps({"sym": sym}) if quantized else "{}",
+           "bits": bits if quantized else None, "group_size": group_size if quantized else None,
+           "dataset": dataset, "eval_settings": "{}", "status": status, "finished_at": AT, "started_at": AT,
+           "weight_bytes": weight_bytes or (BASE_BYTES * bits // 16 + BASE_BYTES // (8 * group_size)
+                                            if quantized else BASE_BYTES),
+           "bits_per_weight": bits + 0.25 if quantized else None,
+           "kernel": "dequantized" if quantized else "dense", "tpot_p50_ms": tpot,
+           "peak_rss_bytes": 2 * BASE_BYTES}
+    if status != "ok":
+        return {**row, "error_class": "oom", "error_message": "out of memory"}
+    if correct is not None:
+        metric, examples = "acc", [{"example_id": str(i), "metric": "acc", "value": float(c)}
+                                   for i, c in enumerate(correct)]
+        value = sum(correct) / len(correct) if value is None else value
+    else:
+        metric, examples = "token_perplexity", [{"example_id": str(i), "metric": "window_nll", "value": v}
+                                                for i, v in enumerate(nll)]
+        value = math.exp(sum(nll) / len(nll)) if value is None else value
+    return {**row, "primary_metric": metric, "primary_value": value, "primary_stderr": 0.05,
+            "metrics": [{"metric": metric, "value": value, "stderr": 0.05, "n": len(examples)}],
+            "examples": examples}
+
+
+def make_store(path) -> str:
+    """baseline + 4 quantized cells on ``bq`` (accuracy over 40 examples), one of them better than
+    the baseline beyond chance; baseline + 2 cells on ``ppl``; a NaN, a failed and a skipped cell."""
+    base = [1] * 30 + [0] * 10
+    rows = [
+        cell("b-bq", method="baseline", correct=base, tpot=120.0),
+        cell("q4g64", correct=[1] * 29 + [0] * 11, tpot=60.0),                   # drop 0.025
+        cell("q4g128", group_size=128, correct=[1] * 27 + [0] * 13, tpot=55.0),  # drop 0.075
+        cell("q3g64", bits=3, correct=[1] * 20 + [0] * 20, tpot=40.0),           # drop 0.25
+        cell("big", group_size=32, correct=[1] * 30 + [0] * 10, weight_bytes=BASE_BYTES + 1),
+        cell("lucky", group_size=16, correct=[1] * 40),                          # 10 discordant, all better
+        cell("nan", bits=2, correct=[0] * 40, value=float("nan")),
+        cell("oom", bits=8, status="failed"),
+        cell("skip", bits=8, group_size=128, status="skipped"),
+        cell("b-ppl", method="baseline", dataset="ppl", nll=[2.0, 2.1, 2.2, 2.3, 2.4, 2.5]),
+        cell("p4", dataset="ppl", nll=[2.1, 2.2, 2.3, 2.4, 2.5, 2.6]),
+        cell("p3", bits=3, dataset="ppl", nll=[2.4, 2.6, 2.5, 2.9, 2.8, 3.0]),
+    ]
+    Store(path).write_rows(rows)
+    return str(path)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return make_store(tmp_path / "results")
+
+
+def test_every_view_returns_rows(store):
+    con = connect(store)
+    for view in ("cells", "metrics", "examples", "columns", "metric_directions", "baseline_deltas",
+                 "pareto", "table1"):
+        assert con.execute(f"select count(*) from {view}").fetchone()[0] > 0, view
+
+
+def test_baseline_deltas_values_and_paired_tests(store):
+    con = connect(store)
+    rows = {r[0]: r[1:] for r in con.execute(
+        "select cell_id, delta, quality_drop, recovery_pct, test, p_value, discordant_better, "
+        "discordant_worse, paired_n, anomaly from baseline_deltas").fetchall()}
+    delta, drop, recovery, test, p, better, worse, n, anomaly = rows["q4g64"]
+    assert delta == pytest.approx(-0.025) and drop == pytest.approx(0.025)
+    assert recovery == pytest.approx(100 * 29 / 30)
+    assert (test, better, worse, n) == ("mcnemar", 0, 1, 40)
+    assert p == pytest.approx(mcnemar_p(0, 1)) and anomaly is None
+    # 10 discordant pairs, all in the quantized cell's favour: p = 2 / 2^10
+    assert rows["lucky"][4] == pytest.approx(2 / 1024)
+    assert rows["lucky"][8] == "beats baseline beyond its uncertainty"
+    assert rows["big"][8] == "larger than baseline"
+    assert "non-finite metric" in rows["nan"][8]
+    assert "oom" not in rows and "skip" not in rows  # only ok cells are compared
+    # perplexity: lower is better, recovery = baseline / quantized, paired bootstrap on window NLL
+    p4 = rows["p4"]
+    assert p4[1] > 0 and p4[2] == pytest.approx(100 * math.exp(2.25) / math.exp(2.35))
+    assert p4[3] == "paired-bootstrap" and p4[4] == pytest.approx(paired_bootstrap_p([0.1] * 6))
+    assert p4[8] is None
+
+
+def test_paired_statistics():
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(5, 0) == pytest.approx(0.0625)
+    assert mcnemar_p(3, 3) == 1.0
+    assert paired_bootstrap_p([0.0] * 5) == 1.0
+    rng = random.Random(0)
+    noise = [rng.gauss(0, 1) for _ in range(200)]
+    assert paired_bootstrap_p(noise) > 0.05           # no shift: not significant
+    assert paired_bootstrap_p([x + 1 for x in noise]) < 0.01
+    assert paired_bootstrap_p(noise) == paired_bootstrap_p(noise)  # deterministic
+
+
+def test_pareto_matches_brute_force(tmp_path):
+    rng = random.Random(1)
+    rows = []
+    for i in range(120):
+        group = i % 2
+        rows.append(cell(f"c{i}", dataset=f"ppl{group}", nll=[rng.uniform(1, 3)],
+                         weight_bytes=rng.choice([100, 200, 300, 400]), tpot=rng.choice([None, 10.0, 20.0, 30.0])))
+    Store(tmp_path).write_rows(rows)
+    got = {r[0] for r in connect(str(tmp_path)).execute("select cell_id from pareto").fetchall()}
+
+    def key(r):  # all minimised
+        return (r["primary_value"], r["weight_bytes"], math.inf if r["tpot_p50_ms"] is None else r["tpot_p50_ms"])
+
+    def dominated(r):
+        return any(o["dataset"] == r["dataset"] and all(a <= b for a, b in zip(key(o), key(r)))
+                   and key(o) != key(r) for o in rows)
+    assert got == {r["cell_id"] for r in rows if not dominated(r)}
+    assert len(got) >= 2
+
+
+def test_table1_best_excludes_anomalies(store):
+    rows = connect(store).execute(
+        "select dataset, metric, baseline_score, best_quantized_score, best_method, memory_change_pct, "
+        "quantized_cells, flagged_cells from table1 order by dataset").fetchall()
+    assert rows[0][:5] == ("bq", "acc", 0.75, 0.725, "rtn(sym:true) w4 g64")
+    assert rows[0][5] == pytest.approx(-75.0, abs=0.5) and rows[0][6:] == (6, 3)
+    assert rows[1][:2] == ("ppl", "token_perplexity") and rows[1][4] == "rtn(sym:true) w4 g64"
+
+
+def test_recommend_feasible_infeasible_and_binding(store):
+    con = connect(store)
+    answer = recommend(con, "bq", Budget(max_drop=0.1, max_weight_bytes=parse_bytes("200MB")))
+    assert [r["cell_id"] for r in answer.picks] == ["q4g128", "q4g64"]  # smallest first
+    assert {r["cell_id"] for r in answer.set_aside} == {"lucky", "big", "nan"}
+    answer = recommend(con, "bq", Budget(max_drop=0.1), rank="quality")
+    assert [r["cell_id"] for r in answer.picks][:2] == ["b-bq", "q4g64"]
+    answer = recommend(con, "bq", Budget(max_drop=0.01, max_weight_bytes=200_000_000))
+    assert answer.picks == [] and answer.binding == ["max-drop", "max-weight-bytes"]
+    answer = recommend(con, "bq", Budget(max_drop=0.3, max_latency_ms=30))  # fastest is 40 ms
+    assert answer.picks == [] and answer.binding == ["max-latency-ms"]
+    assert "closest: rtn(sym:true) w3 g64 at tpot_p50_ms = 40" in answer.diagnosis[1]
+    assert [r["cell_id"] for r in recommend(con, "bq", Budget(min_recovery=96)).picks] == ["q4g64", "b-bq"]
+    assert [r["cell_id"] for r in recommend(con, "bq", Budget(max_drop=5, max_drop_relative=True)).picks] \
+        == ["q4g64", "b-bq"]
+    with pytest.raises(BudgetError, match="datasets with results: bq, ppl"):
+        recommend(con, "nope", Budget())
+    with pytest.raises(BudgetError, match="available: acc"):
+        recommend(con, "bq", Budget(), metric="rank")
+
+
+def test_parse_bytes():
+    assert parse_bytes("170MB") == 170_000_000
+    assert parse_bytes("1.5GiB") == 3 * 2**29
+    assert parse_bytes("2e8") == 200_000_000
+    with pytest.raises(ValueError):
+        parse_bytes("12XB")
+
+
+def test_recommend_cli(store, capsys):
+    assert main(["recommend", "--results", store, "--dataset", "bq", "--max-drop", "0.1",
+                 "--max-weight-bytes", "200MB"]) == 0
+    out = capsys.readouterr().out
+    assert "1. m rtn(sym:true) w4 g128" in out and "mcnemar p=" in out and "not a packed-kernel claim" in out
+    assert "set aside: m rtn(sym:true) w4 g16: beats baseline beyond its uncertainty" in out
+    assert main(["recommend", "--results", store, "--dataset", "bq", "--max-drop", "0.01",
+                 "--max-latency-ms", "45"]) == 0
+    out = capsys.readouterr().out
+    assert "no config meets the budget" in out and "binding:" in out
+    assert main(["recommend", "--results", store, "--dataset", "nope"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["recommend", "--results", store, "--dataset", "bq", "--max-memory", "lots"])
+    assert exc.value.code == 2
+
+
+def test_query_named_formats_and_seal(store, tmp_path, capsys):
+    assert main(["query", "--results", store, "table1"]) == 0
+    assert "best_quantized_score" in capsys.readouterr().out
+    out = tmp_path / "t.parquet"
+    assert main(["query", "--results", store, "pareto", "--format", "parquet", "--out", str(out)]) == 0
+    assert pq.read_table(out).num_rows > 0
+    assert main(["query", "--results", store, "deltas", "--format", "json", "--out", str(tmp_path / "d.json")]) == 0
+    assert {r["config"] for r in json.loads((tmp_path / "d.json").read_text())} >= {"rtn(sym:true) w4 g64"}
+    assert main(["query", "--results", store, "anomalies", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.count("\n") == 1 + 3
+    assert main(["query", "--results", store, "table1", "--format", "parquet"]) == 2
+    capsys.readouterr()
+    for sql in ("select * from read_csv('/etc/hostname')", "install httpfs", "load httpfs",
+                "set enable_external_access = true", "copy cells to '/tmp/x.csv'"):
+        assert main(["query", "--results", store, sql]) == 2, sql
