@@ -109,12 +109,11 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
     log.info("group %s: %s %s bits=%s group_size=%s, %d cells", group.group_id, head.model.name,
              head.method, head.bits, head.group_size, len(group.cells))
 
-    stage = "load"
+    stage, unusable = "load", {}
     try:
         with Timer(state.device) as load_time:
             base, tokenizer = state.base_model(head.model.path, head.model.dtype,
                                                head.model.trust_remote_code)
-            model = copy.deepcopy(base) if info.in_place else base
         prepared, unusable = {}, {}
         for cell in group.cells:  # data before quantization: a missing dataset costs no quantize
             try:
@@ -128,6 +127,8 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
                                      "attempts": 1, "model_loads": state.model_loads, "finished_at": _now()}
         if not prepared:
             return
+        with Timer(state.device) as copy_time:
+            model = copy.deepcopy(base) if info.in_place else base
         stage = "quantize"
         with Timer(state.device) as quant_time:
             config = info.config(**head.params)
@@ -138,13 +139,14 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
         failed = {**common, **_failure(exc, stage), "attempts": 1,
                   "model_loads": state.model_loads, "finished_at": _now()}
         for cell in group.cells:
-            yield cell.cell_id, dict(failed)
+            if cell.cell_id not in unusable:  # those have their row already
+                yield cell.cell_id, dict(failed)
         return
 
     with Timer(state.device) as profile_time:
         common |= profile_sizes(model, report)
     common["layers"] = [{key: getattr(layer, key) for key in LAYER_FIELDS} for layer in report.layers]
-    common |= {"time_load_s": load_time.seconds, "time_quantize_s": quant_time.seconds,
+    common |= {"time_load_s": load_time.seconds + copy_time.seconds, "time_quantize_s": quant_time.seconds,
                "time_profile_s": profile_time.seconds}
     yield None, {"stage": "evaluate"}
 
