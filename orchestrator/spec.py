@@ -6,7 +6,6 @@ the YAML file and the torch-free method and task registries.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 import re
@@ -23,6 +22,7 @@ from pydantic import ValidationError
 from tasks.evaluate.registry import KNOWN_DATASETS, TASKS, UnknownTask, get_task
 from tasks.catalog import KNOWN_MODELS
 from tasks.profile.config import ProfileConfig
+from tasks.naming import did_you_mean
 from tasks.quantize.registry import METHODS, UnknownMethod, get_method
 
 TOP_LEVEL_KEYS = {
@@ -211,9 +211,7 @@ def _keys(allowed) -> str:
 
 
 def _unknown(key: Any, allowed) -> str:
-    close = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"unknown key; {hint}allowed: {_keys(allowed)}"
+    return f"unknown key; {did_you_mean(key, allowed)}allowed: {_keys(allowed)}"
 
 
 def _entries(value: Any, field_name: str, problems: _Problems, example: str) -> list[dict]:
@@ -274,9 +272,8 @@ def _parse_methods(value: Any, problems: _Problems) -> list[MethodVariant]:
         for key in list(params):
             if key not in fields:
                 allowed = _keys(fields) if fields else "none (this method takes no parameters)"
-                close = difflib.get_close_matches(key, list(fields), n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                problems.add(f"{where}.{key}", _MISSING, f"unknown parameter of '{info.name}'; {hint}allowed: {allowed}")
+                problems.add(f"{where}.{key}", _MISSING, f"unknown parameter of '{info.name}'; "
+                             f"{did_you_mean(key, fields)}allowed: {allowed}")
                 params.pop(key)
         axes = {k: (v if isinstance(v, list) else [v]) for k, v in params.items()}
         if any(len(v) == 0 for v in axes.values()):

@@ -5,11 +5,11 @@ Torch-free: the driver validates dataset entries with these configs.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.naming import did_you_mean
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -150,6 +150,5 @@ class UnknownTask(KeyError):
 def get_task(name: str) -> TaskInfo:
     if name in TASKS:
         return TASKS[name]
-    close = difflib.get_close_matches(name, TASKS, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    raise UnknownTask(f"unknown task '{name}': {hint}available: {', '.join(sorted(TASKS))}")
+    raise UnknownTask(f"unknown task '{name}': {did_you_mean(name, TASKS)}"
+                           f"available: {', '.join(sorted(TASKS))}")

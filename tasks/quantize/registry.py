@@ -7,11 +7,11 @@ validating methods never imports torch.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tasks.naming import did_you_mean
 from pydantic import BaseModel, ConfigDict, model_validator
 
 
@@ -114,6 +114,5 @@ def get_method(name: str) -> MethodInfo:
     """Look a method up by name; a miss says what is close and what exists."""
     if name in METHODS:
         return METHODS[name]
-    close = difflib.get_close_matches(name, METHODS, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    raise UnknownMethod(f"unknown method '{name}': {hint}available: {', '.join(sorted(METHODS))}")
+    raise UnknownMethod(f"unknown method '{name}': {did_you_mean(name, METHODS)}"
+                             f"available: {', '.join(sorted(METHODS))}")
