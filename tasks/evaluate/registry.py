@@ -151,4 +151,4 @@ def get_task(name: str) -> TaskInfo:
     if name in TASKS:
         return TASKS[name]
     raise UnknownTask(f"unknown task '{name}': {did_you_mean(name, TASKS)}"
-                           f"available: {', '.join(sorted(TASKS))}")
+                      f"available: {', '.join(sorted(TASKS))}")

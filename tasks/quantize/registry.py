@@ -115,4 +115,4 @@ def get_method(name: str) -> MethodInfo:
     if name in METHODS:
         return METHODS[name]
     raise UnknownMethod(f"unknown method '{name}': {did_you_mean(name, METHODS)}"
-                             f"available: {', '.join(sorted(METHODS))}")
+                      f"available: {', '.join(sorted(METHODS))}")
