@@ -139,7 +139,7 @@ def pareto_fronts(cells: list[Row], front: list[Row], flagged: set[str], path: P
         ax.plot([r["weight_bytes"] / 1e6 for r in best], [r["primary_value"] for r in best],
                 marker="o", color="tab:blue", lw=1, label="Pareto front (quality, size, latency)")
         for r in best:
-            ax.annotate(_short(r), (r["weight_bytes"] / 1e6, r["primary_value"]), fontsize=6,
+            ax.annotate(_short(r, model=False), (r["weight_bytes"] / 1e6, r["primary_value"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
         bad = [r for r in rows if r["cell_id"] in flagged]
         if bad:
@@ -215,10 +215,10 @@ def _median(values: list[Any]) -> float | None:
     return values[len(values) // 2] if values else None
 
 
-def _short(row: Row) -> str:
+def _short(row: Row, model: bool = True) -> str:
     bits = f" w{row['bits']}" if row.get("bits") is not None else ""
     group = f" g{row['group_size']}" if row.get("group_size") is not None else ""
-    return f"{row['model']} {series_label(row)}{bits}{group}"
+    return (f"{row['model']} " if model else "") + f"{series_label(row)}{bits}{group}"
 
 
 def _legend(ax) -> None:
