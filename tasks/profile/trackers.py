@@ -3,10 +3,11 @@
 ``Timer`` gives wall seconds, synchronising CUDA before each clock read. ``MemoryTracker``
 gives the peak of every kind of memory the device has, each kept apart (never summed):
 
-- ``rss_bytes``: peak resident set size of this process (CPU memory). On Linux the kernel's
-  high-water mark (``VmHWM``) is reset when the block starts and read when it ends, so the
-  peak is exact; elsewhere RSS is sampled every ``interval`` seconds. Process-wide: nested
-  trackers reset each other's mark (the outer one then falls back to its samples).
+- ``rss_bytes``: peak resident set size of this process (CPU memory). Free heap memory is
+  returned to the OS first (glibc ``malloc_trim``), then on Linux the kernel's high-water mark
+  (``VmHWM``) is reset when the block starts and read when it ends, so the peak is exact;
+  elsewhere RSS is sampled every ``interval`` seconds. Process-wide: nested trackers reset
+  each other's mark (the outer one then falls back to its samples).
 - ``cuda_allocated_bytes`` / ``cuda_reserved_bytes``: torch's caching allocator, peak bytes in
   live tensors / held from the driver (``max_memory_allocated`` / ``max_memory_reserved``,
   reset when the block starts, after emptying the cache so that an earlier block's pool does
@@ -19,6 +20,7 @@ gives the peak of every kind of memory the device has, each kept apart (never su
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -84,6 +86,15 @@ def _reset_rss_high_water_mark() -> bool:
         return False
 
 
+def _release_free_heap() -> None:
+    """Return free malloc memory to the OS (glibc ``malloc_trim``), the CPU analogue of
+    ``torch.cuda.empty_cache``; a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_high_water_mark() -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -127,6 +138,8 @@ class MemoryTracker:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             self._nvml, self.result.nvml_note = _nvml_handle(torch.cuda.current_device())
+        gc.collect()
+        _release_free_heap()  # RSS then starts from live memory, not an earlier block's free chunks
         self._hwm = _reset_rss_high_water_mark()
         self._sample()
         self._thread = None
