@@ -26,7 +26,8 @@ def test_matches_the_models_own_loss(tiny_llama, text_file):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    result = TokenPerplexity().evaluate(model, tokenizer, entry(text_file))
+    task = TokenPerplexity()
+    result = task.evaluate(model, tokenizer, task.prepare(entry(text_file), tokenizer))
     ids = token_stream(tokenizer, [text_file.read_text()], None)
     losses = []
     with torch.no_grad():
@@ -42,12 +43,11 @@ def test_matches_the_models_own_loss(tiny_llama, text_file):
 
 
 def test_missing_file_is_a_data_error(tiny_llama, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from tasks.errors import DataError, classify
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     with pytest.raises(DataError, match="does-not-exist.txt") as info:
-        TokenPerplexity().evaluate(model, tokenizer, entry(tmp_path / "does-not-exist.txt"))
+        TokenPerplexity().prepare(entry(tmp_path / "does-not-exist.txt"), tokenizer)
     assert classify(info.value) == "data"
