@@ -37,6 +37,7 @@ LAYER = pa.struct([
     ("fallback", pa.string()),
     ("relative_error", pa.float64()),
     ("reason", pa.string()),
+    ("scale_alpha", pa.float64()),
 ])
 
 EXAMPLE = pa.struct([
@@ -63,6 +64,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("bits", _I, "weight bit width; null for methods that take none (baseline)"),
     ("group_size", _I, "requested group size; -1 = per output channel; null when not used"),
     ("calibration", _S, "calibration spec as JSON; null for calibration-free methods"),
+    ("calibration_tokens", _I, "calibration tokens the method saw (samples x seq_len windows actually "
+     "available); null for calibration-free methods"),
+    ("calibration_hash", _S, "sha256 of the calibration token ids (int64, row-major): the calibration "
+     "set's content identity; null for calibration-free methods"),
     ("dataset", _S, "dataset name from the spec"),
     ("task", _S, "evaluation task registry name"),
     ("task_version", _S, "version of the task definition"),
@@ -99,7 +104,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("fallback", _S, "what non-divisible layers got: ragged | divisor | skip; null when none"),
     ("layers", pa.list_(LAYER), "per linear layer: quantized or kept (reason), bits, requested "
      "group size, group layout actually used (e.g. 4x128+64), fallback, relative weight error "
-     "||W - Q(W)|| / ||W||"),
+     "||W - Q(W)|| / ||W||, and for gsq the chosen exponent scale_alpha of the input-channel scales"),
     ("weight_format", _S, "dense (unquantized) | fake-quant (dequantized weights) | a packed format"),
     ("kernel", _S, "kernel path evaluated and profiled: 'dense' (unquantized), 'dequantized' (low-bit "
      "weights held dequantized: no packed low-bit kernel ran, so speed says nothing of a packed format) "

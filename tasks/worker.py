@@ -23,6 +23,7 @@ import torch
 
 from orchestrator.cells import Group
 from orchestrator.schema import LAYER
+from tasks.calibration import Calibration, activation_stats, load_calibration
 from tasks.errors import NonFiniteError, classify, redact, short_traceback
 from tasks.evaluate.registry import get_task
 from tasks.models import load_model
@@ -38,13 +39,16 @@ LAYER_FIELDS = tuple(member.name for member in LAYER)
 
 @dataclass
 class WorkerState:
-    """What an actor keeps between groups: the base model of the model it last served."""
+    """What an actor keeps between groups: the base model of the model it last served, and that
+    model's calibration windows and activation statistics per calibration spec."""
 
     threads: int | None = None
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     model_loads: int = 0
+    calibration_runs: int = 0  # activation statistics computed (once per model and calibration spec)
     _model_key: tuple | None = None
     _prepared: dict[str, Any] = field(default_factory=dict)
+    _calibrations: dict[str, Calibration] = field(default_factory=dict)
     _model: Any = None
     _tokenizer: Any = None
 
@@ -56,6 +60,7 @@ class WorkerState:
         key = (path, dtype, trust_remote_code)
         if key != self._model_key:
             self._model = self._tokenizer = None  # free the previous model before loading
+            self._calibrations.clear()
             self._model, self._tokenizer = load_model(path, dtype, self.device, trust_remote_code)
             self._model_key = key
             self.model_loads += 1
@@ -68,6 +73,16 @@ class WorkerState:
             task = get_task(cell.dataset.task).load()()
             self._prepared[key] = task.prepare(cell.dataset, tokenizer, cell.seed)
         return self._prepared[key]
+
+    def calibration(self, spec: dict[str, Any]) -> Calibration:
+        """Calibration windows and the base model's activation statistics, built once per
+        calibration spec per model: they depend on neither bits nor group size."""
+        key = json.dumps([self._model_key, spec], sort_keys=True, default=str)
+        if key not in self._calibrations:
+            data = load_calibration(spec, self._tokenizer)
+            self._calibrations[key] = Calibration(data, activation_stats(self._model, data))
+            self.calibration_runs += 1
+        return self._calibrations[key]
 
 
 def _now() -> dt.datetime:
@@ -127,12 +142,20 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
                                      "attempts": 1, "model_loads": state.model_loads, "finished_at": _now()}
         if not prepared:
             return
+        calib = None
+        if info.needs_calibration:
+            stage = "calibrate"
+            with Timer(state.device) as calib_time:
+                calib = state.calibration(head.calibration)
+            common |= {"calibration_tokens": calib.data.tokens, "calibration_hash": calib.data.token_hash}
+            log.info("group %s: calibration %d tokens (%s) in %.1f s", group.group_id, calib.data.tokens,
+                     calib.data.token_hash[:12], calib_time.seconds)
         with Timer(state.device) as copy_time:
             model = copy.deepcopy(base) if info.in_place else base
         stage = "quantize"
         with Timer(state.device) as quant_time:
             config = info.config(**head.params)
-            report = info.load()().quantize(model, None, config, head.bits, head.group_size)
+            report = info.load()().quantize(model, calib, config, head.bits, head.group_size)
             _check_finite(model)
     except Exception as exc:  # noqa: BLE001 - failures are rows
         log.warning("group %s failed at %s: %s", group.group_id, stage, exc)

@@ -24,6 +24,7 @@ class LayerReport:
     zero_bits: int = 0  # bits per stored zero point (bits for int, 16 for float)
     relative_error: float | None = None  # ||W - Q(W)||_F / ||W||_F
     reason: str | None = None  # why a layer stayed in high precision
+    scale_alpha: float | None = None  # group scaling: exponent of the input-channel scales chosen
 
     def stored_bits(self, scale_bits: int = 16) -> int:
         return self.codes * (self.bits or 0) + self.scales * scale_bits + self.zeros * self.zero_bits

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tasks.naming import did_you_mean
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class MethodConfig(BaseModel):
@@ -52,6 +52,23 @@ class RTNConfig(MethodConfig):
         if not self.sym and self.zero_point is None:
             object.__setattr__(self, "zero_point", "int")
         return self
+
+
+class GSQConfig(RTNConfig):
+    """Group scaling quantization: activation-aware per-input-channel scales, then RTN's groups.
+
+    ```yaml
+    methods:
+      - {name: gsq, sym: false, zero_point: int, fallback: ragged, alpha_grid: 20}
+    calibration: {dataset: pydoc-topics, samples: 32, seq_len: 256}
+    ```
+
+    ``sym``, ``zero_point`` and ``fallback`` mean what they mean for ``rtn``; ``alpha_grid`` is
+    the number of steps of the search over the scaling exponent in [0, 1] (``alpha_grid + 1``
+    candidates, 0 = no scaling = rtn).
+    """
+
+    alpha_grid: int = Field(20, ge=1, le=1000)
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,17 @@ METHODS: dict[str, MethodInfo] = {
         config=RTNConfig,
         version="1",
         description="round-to-nearest group quantization (torch, fake-quant)",
+        supported_bits=frozenset(range(2, 9)),
+        non_divisible_groups=True,
+    ),
+    "gsq": MethodInfo(
+        name="gsq",
+        target="tasks.quantize.gsq:GSQ",
+        config=GSQConfig,
+        version="1",
+        description="group scaling quantization: activation-aware input-channel scales searched "
+                    "on calibration data, then rtn's group quantizer (torch, fake-quant)",
+        needs_calibration=True,
         supported_bits=frozenset(range(2, 9)),
         non_divisible_groups=True,
     ),

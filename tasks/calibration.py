@@ -1,0 +1,119 @@
+"""Calibration data for methods that need it: token windows, and input-activation statistics
+of each linear layer measured on the unquantized model.
+
+```yaml
+calibration: {dataset: pydoc-topics, samples: 32, seq_len: 256}
+```
+
+``dataset`` is a name qsweep knows (``pydoc-topics``, ``wikitext-fixture``, ... see
+``tasks.evaluate.registry.KNOWN_DATASETS``) or a path / hub id. Its documents are joined by
+blank lines into one token stream (no special tokens) and cut into ``samples`` non-overlapping
+windows of ``seq_len`` tokens from the start: deterministic, no sampling. A source with fewer
+tokens gives fewer windows (the row's ``calibration_tokens`` says how many tokens were used).
+Hub ids are read from their ``train`` split, so that calibration never sees a test split.
+
+The statistics do not depend on bits or group size: an actor computes them once per (model,
+calibration spec) and every quantization group of a sweep reuses them (``tasks.worker``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tasks.errors import DataError
+from tasks.evaluate.data import prompt_texts
+from tasks.evaluate.perplexity import token_stream
+from tasks.evaluate.registry import KNOWN_DATASETS, get_task
+from tasks.quantize.rtn import linear_layers
+
+log = logging.getLogger(__name__)
+CALIBRATION_SPLIT = "train"
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Token windows of a calibration spec: ``input_ids`` is [windows, seq_len], int64, CPU."""
+
+    spec: dict[str, Any]
+    input_ids: torch.Tensor
+    token_hash: str  # sha256 of the int64 token ids, row-major
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Input activations of one linear layer over the calibration tokens (float32)."""
+
+    mean_abs: torch.Tensor  # [in_features]: mean |x| per input channel
+    gram: torch.Tensor  # [in_features, in_features]: X^T X / tokens (output error of any W' is exact from it)
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a calibrated method receives as ``calib``: the windows and each layer's statistics."""
+
+    data: CalibrationSet
+    stats: dict[str, LayerStats]
+
+
+def calibration_texts(dataset: str) -> list[str]:
+    """Documents of a calibration dataset: a known name, a local path or a hub id."""
+    if dataset in KNOWN_DATASETS:
+        task, path = KNOWN_DATASETS[dataset]
+        text_field = get_task(task).config.model_fields.get("text_field")
+        return prompt_texts(path, CALIBRATION_SPLIT, text_field.default if text_field else None)
+    return prompt_texts(dataset, CALIBRATION_SPLIT, "text")
+
+
+def load_calibration(spec: dict[str, Any], tokenizer: Any) -> CalibrationSet:
+    """Tokenize ``spec`` = {dataset, samples, seq_len} into non-overlapping windows."""
+    samples, seq_len = spec["samples"], spec["seq_len"]
+    ids = token_stream(tokenizer, calibration_texts(spec["dataset"]), samples * seq_len)
+    windows = min(samples, len(ids) // seq_len)
+    if windows == 0:
+        raise DataError(f"calibration set {spec['dataset']}: {len(ids)} tokens, fewer than one "
+                        f"window of seq_len={seq_len}; lower calibration.seq_len or use more text")
+    if windows < samples:
+        log.warning("calibration set %s: %d tokens give %d of %d windows of %d", spec["dataset"],
+                    len(ids), windows, samples, seq_len)
+    input_ids = torch.tensor(ids[:windows * seq_len], dtype=torch.int64).reshape(windows, seq_len)
+    token_hash = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()
+    return CalibrationSet(spec=dict(spec), input_ids=input_ids, token_hash=token_hash)
+
+
+def activation_stats(model: Any, data: CalibrationSet, batch_size: int = 8) -> dict[str, LayerStats]:
+    """Per linear layer (output head excluded), statistics of its inputs over the calibration
+    windows, from forward hooks on ``model`` as it is (call it on the unquantized model)."""
+    device = next(model.parameters()).device
+    layers = linear_layers(model)
+    sums = {name: torch.zeros(m.in_features, device=device) for name, m in layers}
+    grams = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in layers}
+    counts = dict.fromkeys(sums, 0)
+
+    def hook(name: str):
+        def accumulate(module: Any, inputs: tuple, output: Any) -> None:
+            x = inputs[0].detach().reshape(-1, module.in_features).float()
+            sums[name] += x.abs().sum(dim=0)
+            grams[name] += x.T @ x
+            counts[name] += x.shape[0]
+        return accumulate
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in layers]
+    try:
+        with torch.inference_mode():
+            for first in range(0, data.input_ids.shape[0], batch_size):
+                model(data.input_ids[first:first + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: LayerStats(sums[name] / counts[name], grams[name] / counts[name], counts[name])
+            for name in sums if counts[name]}
