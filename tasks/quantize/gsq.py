@@ -37,13 +37,7 @@ import torch
 from tasks.calibration import Calibration, LayerStats
 from tasks.quantize.base import LayerReport, QuantReport
 from tasks.quantize.registry import GSQConfig
-from tasks.quantize.rtn import (
-    HEAD_NAMES,
-    describe_layout,
-    fake_quantize,
-    group_layout,
-    linear_layers,
-)
+from tasks.quantize.rtn import describe_layout, fake_quantize, layer_plan
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +81,12 @@ class GSQ:
             raise ValueError("gsq needs calibration data: add `calibration: {dataset, samples, seq_len}` to the spec")
         layers: list[LayerReport] = []
         used_fallback = None
-        for name, module in linear_layers(model, include_head=True):
-            out_f, in_f = module.weight.shape
-            if name.split(".")[-1] in HEAD_NAMES:
-                layers.append(LayerReport(name=name, in_features=in_f, out_features=out_f,
-                                          quantized=False, reason="output head kept in dtype"))
-                continue
-            groups, fallback = group_layout(in_f, group_size, cfg.fallback)
+        for name, module, groups, fallback, kept in layer_plan(model, group_size, cfg.fallback):
             used_fallback = used_fallback or fallback
-            if not groups:
-                layers.append(LayerReport(
-                    name=name, in_features=in_f, out_features=out_f, quantized=False,
-                    fallback=fallback, group_size=group_size,
-                    reason=f"width {in_f} not a multiple of group size {group_size} (fallback: skip)"))
+            if kept is not None:
+                layers.append(kept)
                 continue
+            out_f, in_f = module.weight.shape
             if name not in calib.stats:
                 raise ValueError(f"gsq: no calibration statistics for layer {name} (it saw no input)")
             with torch.no_grad():

@@ -24,6 +24,7 @@ scales and zeros a packed format would store.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -117,26 +118,37 @@ def fake_quantize(weight: torch.Tensor, bits: int, groups: list[int], sym: bool,
     return torch.cat(pieces, dim=1).to(weight.dtype), scales, zeros
 
 
+def layer_plan(model: torch.nn.Module, group_size: int, fallback_policy: str,
+               ) -> Iterator[tuple[str, torch.nn.Linear, list[int], str | None, LayerReport | None]]:
+    """Each linear layer with its group widths and fallback; ``kept`` is the report of a layer
+    that stays in the model's dtype (the output head, or a ``skip`` fallback), else None."""
+    for name, module in linear_layers(model, include_head=True):
+        out_f, in_f = module.weight.shape
+        if name.split(".")[-1] in HEAD_NAMES:
+            yield name, module, [], None, LayerReport(
+                name=name, in_features=in_f, out_features=out_f, quantized=False,
+                reason="output head kept in dtype")
+            continue
+        groups, fallback = group_layout(in_f, group_size, fallback_policy)
+        kept = None if groups else LayerReport(
+            name=name, in_features=in_f, out_features=out_f, quantized=False, fallback=fallback,
+            group_size=group_size,
+            reason=f"width {in_f} not a multiple of group size {group_size} (fallback: skip)")
+        yield name, module, groups, fallback, kept
+
+
 class RTN:
     def quantize(self, model: Any, calib: Any, cfg: RTNConfig, bits: int | None,
                  group_size: int | None) -> QuantReport:
         assert bits is not None and group_size is not None
         layers: list[LayerReport] = []
         used_fallback = None
-        for name, module in linear_layers(model, include_head=True):
-            out_f, in_f = module.weight.shape
-            if name.split(".")[-1] in HEAD_NAMES:
-                layers.append(LayerReport(name=name, in_features=in_f, out_features=out_f,
-                                          quantized=False, reason="output head kept in dtype"))
-                continue
-            groups, fallback = group_layout(in_f, group_size, cfg.fallback)
+        for name, module, groups, fallback, kept in layer_plan(model, group_size, cfg.fallback):
             used_fallback = used_fallback or fallback
-            if not groups:
-                layers.append(LayerReport(
-                    name=name, in_features=in_f, out_features=out_f, quantized=False,
-                    fallback=fallback, group_size=group_size,
-                    reason=f"width {in_f} not a multiple of group size {group_size} (fallback: skip)"))
+            if kept is not None:
+                layers.append(kept)
                 continue
+            out_f, in_f = module.weight.shape
             with torch.no_grad():
                 original = module.weight.data
                 deq, scales, zeros = fake_quantize(original, bits, groups, cfg.sym, cfg.zero_point)
