@@ -58,3 +58,18 @@ def stop_group(process: subprocess.Popen, grace_s: float = 15) -> None:
         os.killpg(pgid, signal.SIGKILL)  # children that outlived the leader
     except ProcessLookupError:
         pass
+
+
+def write_tiny_spec(path, name: str, model, text_file, rtn: dict | None = None) -> None:
+    """A small sweep on the tiny Llama: baseline + rtn 4-bit group 32, 2 windows of 32 tokens."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "name": name,
+        "models": [{"name": "tiny-llama", "path": str(model)}],
+        "methods": [{"name": "baseline"}, {"name": "rtn", **(rtn or {})}],
+        "bits": [4],
+        "group_sizes": [32],
+        "datasets": [{"name": "corpus", "task": "perplexity", "path": str(text_file), "limit": 2,
+                      "seq_len": 32}],
+    }))

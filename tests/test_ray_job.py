@@ -15,8 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
-from cluster_util import free_ports, stop_group, wait_for_port
+from cluster_util import free_ports, stop_group, wait_for_port, write_tiny_spec
 
 from analysis.views import connect
 
@@ -81,17 +80,8 @@ def submit(url: str, env: dict, *entrypoint: str) -> subprocess.CompletedProcess
 
 def test_job_submit_runs_the_sweep_and_resubmitting_is_safe(ray_head, tmp_path, tiny_llama, text_file):
     url, env = ray_head
-    spec = {
-        "name": "ray-job",
-        "models": [{"name": "tiny-llama", "path": str(tiny_llama)}],
-        "methods": [{"name": "baseline"}, {"name": "rtn", "sym": [True, False]}],
-        "bits": [4],
-        "group_sizes": [32],
-        "datasets": [{"name": "corpus", "task": "perplexity", "path": str(text_file), "limit": 2,
-                      "seq_len": 32}],
-    }
     spec_path = tmp_path / "ray-job.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
+    write_tiny_spec(spec_path, "ray-job", tiny_llama, text_file, rtn={"sym": [True, False]})
     results = tmp_path / "results"  # a shared filesystem on a real cluster
 
     first = submit(url, env, "qsweep", "run", str(spec_path), "--results", str(results), "--no-progress")

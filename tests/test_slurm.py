@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster_util import free_ports, wait_for_port
+from cluster_util import free_ports, wait_for_port, write_tiny_spec
 
 from analysis.views import connect
 
@@ -122,17 +122,8 @@ def sbatch(env: dict, workdir: Path, *args: str, **knobs: str) -> tuple[int, str
 
 def test_sbatch_runs_the_sweep_and_exits_with_the_drivers_code(slurm, tmp_path, tiny_llama, text_file):
     env, _ = slurm
-    spec = {
-        "name": "on-slurm",
-        "models": [{"name": "tiny-llama", "path": str(tiny_llama)}],
-        "methods": [{"name": "baseline"}, {"name": "rtn"}],
-        "bits": [4],
-        "group_sizes": [32],
-        "datasets": [{"name": "corpus", "task": "perplexity", "path": str(text_file), "limit": 2,
-                      "seq_len": 32}],
-    }
     spec_path = tmp_path / "on-slurm.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
+    write_tiny_spec(spec_path, "on-slurm", tiny_llama, text_file)
     results = tmp_path / "results"
     port = free_ports(1)[0]
     knobs = {"QSWEEP_VENV": str(ROOT / ".venv"), "QSWEEP_GPUS_PER_NODE": "2",  # logical GPUs
@@ -148,7 +139,7 @@ def test_sbatch_runs_the_sweep_and_exits_with_the_drivers_code(slurm, tmp_path, 
 
     # A spec error: the driver exits 2, and so does the job.
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({**spec, "bits": [12]}))
+    bad.write_text(yaml.safe_dump({**yaml.safe_load(spec_path.read_text()), "bits": [12]}))
     knobs["QSWEEP_RAY_PORT"], knobs["QSWEEP_RAY_PORT_BASE"] = str(free_ports(1)[0]), str(free_base())
     rc, output = sbatch(env, tmp_path, str(bad), "--results", str(results), **knobs)
     assert rc == 2 and "invalid spec" in output, output[-5000:]

@@ -11,7 +11,7 @@ import time
 
 import pyarrow.fs as pafs
 import pytest
-import yaml
+from cluster_util import write_tiny_spec
 from test_store import row
 
 from analysis.views import connect
@@ -128,17 +128,8 @@ def test_unknown_scheme_is_a_usage_error():
 
 def test_sweep_results_on_s3_then_queried(tmp_path, s3_endpoint, tiny_llama, text_file):
     """A real sweep (embedded Ray) whose only store is the S3 server; resume and SQL read it."""
-    spec = {
-        "name": "on-s3",
-        "models": [{"name": "tiny-llama", "path": str(tiny_llama)}],
-        "methods": [{"name": "baseline"}, {"name": "rtn"}],
-        "bits": [4],
-        "group_sizes": [32],
-        "datasets": [{"name": "corpus", "task": "perplexity", "path": str(text_file), "limit": 2,
-                      "seq_len": 32}],
-    }
     spec_path = tmp_path / "on-s3.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
+    write_tiny_spec(spec_path, "on-s3", tiny_llama, text_file)
     uri = "s3://results/sweeps"  # the endpoint comes from AWS_ENDPOINT_URL this time
     env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{s3_endpoint}",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
