@@ -44,6 +44,7 @@ class Plan:
     notes: dict[str, str]  # cell_id -> fallback note
     pending: list[Cell] = field(default_factory=list)
     prior_attempts: dict[str, int] = field(default_factory=dict)  # of cells not yet ok
+    skips_on_record: set[tuple[str, str]] = field(default_factory=set)  # (cell_id, reason) stored
 
 
 def make_plan(spec: Spec, store: Store | None) -> Plan:
@@ -71,8 +72,9 @@ def make_plan(spec: Spec, store: Store | None) -> Plan:
         elif cell.cell_id not in done:
             pending.append(cell)
     prior = {c.cell_id: existing[c.cell_id]["attempts"] or 0 for c in pending if c.cell_id in existing}
+    on_record = {(cid, r["error_message"]) for cid, r in existing.items() if r["status"] == "skipped"}
     return Plan(cells=cells, done=done, skipped=skipped, notes=notes, pending=pending,
-                prior_attempts=prior)
+                prior_attempts=prior, skips_on_record=on_record)
 
 
 def complete_row(cell: Cell, partial: dict[str, Any], sweep_hash: str, attempts: int) -> dict[str, Any]:
@@ -124,13 +126,9 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
     sweep_hash = spec_hash(spec)
     statuses: Counter = Counter()
 
-    existing_skips = set()
-    if plan.skipped and store.files(spec.name):
-        table = store.read(spec.name, columns=["cell_id", "status", "error_message"])
-        existing_skips = {(r["cell_id"], r["error_message"]) for r in table.to_pylist() if r["status"] == "skipped"}
     skip_rows = [skipped_row(c, plan.skipped[c.cell_id], sweep_hash) for c in plan.cells
                  if c.cell_id in plan.skipped
-                 and (c.cell_id, plan.skipped[c.cell_id].reason) not in existing_skips]
+                 and (c.cell_id, plan.skipped[c.cell_id].reason) not in plan.skips_on_record]
     store.write_rows(skip_rows)
     statuses.update(r["status"] for r in skip_rows)
 
