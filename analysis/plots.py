@@ -80,14 +80,8 @@ def quality_vs_bits(cells: list[Row], flagged: set[str], path: Path) -> Path:
             points.sort(key=lambda r: r["bits_per_weight"])
             ax.plot([r["bits_per_weight"] for r in points], [r["primary_value"] for r in points],
                     marker="o", ms=4, lw=1, label=label)
-            bad = [r for r in points if r["cell_id"] in flagged]
-            if bad:
-                ax.scatter([r["bits_per_weight"] for r in bad], [r["primary_value"] for r in bad],
-                           marker="x", s=80, color="red", zorder=5, label="anomaly (not a win)")
-        ax.set_title(f"{model} / {dataset}", fontsize=9)
-        ax.set_xlabel("effective bits per weight (scales, zeros included)")
-        ax.set_ylabel(metric + _arrow(metric), fontsize=8)
-        _legend(ax)
+            _mark_anomalies(ax, points, flagged, lambda r: r["bits_per_weight"])
+        _label_panel(ax, model, dataset, metric, "effective bits per weight (scales, zeros included)")
     return _save(fig, path)
 
 
@@ -141,14 +135,8 @@ def pareto_fronts(cells: list[Row], front: list[Row], flagged: set[str], path: P
         for r in best:
             ax.annotate(_short(r, model=False), (r["weight_bytes"] / 1e6, r["primary_value"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
-        bad = [r for r in rows if r["cell_id"] in flagged]
-        if bad:
-            ax.scatter([r["weight_bytes"] / 1e6 for r in bad], [r["primary_value"] for r in bad],
-                       marker="x", s=80, color="red", zorder=5, label="anomaly (not a win)")
-        ax.set_title(f"{model} / {dataset}", fontsize=9)
-        ax.set_xlabel("weight MB")
-        ax.set_ylabel(metric + _arrow(metric), fontsize=8)
-        _legend(ax)
+        _mark_anomalies(ax, rows, flagged, lambda r: r["weight_bytes"] / 1e6)
+        _label_panel(ax, model, dataset, metric, "weight MB")
     return _save(fig, path)
 
 
@@ -219,6 +207,21 @@ def _short(row: Row, model: bool = True) -> str:
     bits = f" w{row['bits']}" if row.get("bits") is not None else ""
     group = f" g{row['group_size']}" if row.get("group_size") is not None else ""
     return (f"{row['model']} " if model else "") + f"{series_label(row)}{bits}{group}"
+
+
+def _mark_anomalies(ax, rows: list[Row], flagged: set, x) -> None:
+    """Red crosses over flagged cells: shown, never presented as wins."""
+    bad = [r for r in rows if r["cell_id"] in flagged]
+    if bad:
+        ax.scatter([x(r) for r in bad], [r["primary_value"] for r in bad],
+                   marker="x", s=80, color="red", zorder=5, label="anomaly (not a win)")
+
+
+def _label_panel(ax, model: str, dataset: str, metric: str, xlabel: str) -> None:
+    ax.set_title(f"{model} / {dataset}", fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric + _arrow(metric), fontsize=8)
+    _legend(ax)
 
 
 def _legend(ax) -> None:

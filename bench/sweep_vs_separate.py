@@ -48,13 +48,6 @@ def run(spec_data: dict, folder: Path) -> float:
     return wall
 
 
-def compute_ok(cells_ok: int) -> bool:
-    if cells_ok == 0:
-        print("the sweep's store has no ok rows: nothing to attribute")
-        return False
-    return True
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128, -1])
@@ -87,7 +80,8 @@ def main() -> int:
         "coalesce(sum(time_profile_s), 0), count(*) from cells where status = 'ok'").fetchone()
     groups = con.execute("select coalesce(sum(t), 0) from (select any_value(time_load_s + time_quantize_s) "
                          "as t from cells group by group_id)").fetchone()[0]
-    if not compute_ok(cells_ok):
+    if cells_ok == 0:
+        print("the sweep's store has no ok rows: nothing to attribute")
         return 1
     compute = groups + evaluate + profile
     print(f"sweep rows ok: {cells_ok}; cell compute {compute:.1f} s (load+quantize {groups:.1f}, "
