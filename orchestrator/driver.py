@@ -59,7 +59,7 @@ def make_plan(spec: Spec, store: Store | None) -> Plan:
     skipped, notes, pending, verdicts = {}, {}, [], {}
     for cell in cells:
         # A verdict depends on these alone: decide once per distinct combination.
-        key = (cell.model.path, cell.model.dtype, cell.method, cell.params.get("fallback"),
+        key = (cell.model.path, cell.model.dtype, cell.method, cell.params_canonical or str(cell.params), cell.bits,
                cell.group_size, cell.dataset.name, cell.dataset.path,
                (cell.calibration or {}).get("dataset"))
         verdict = verdicts.get(key)

@@ -23,6 +23,7 @@ from pathlib import Path
 from orchestrator.cells import Cell
 from orchestrator.spec import Spec, SpecError
 from tasks.catalog import KNOWN_MODELS
+from tasks.quantize.layers import non_divisible
 from tasks.quantize.registry import get_method
 
 WIDTH_KEYS = ("hidden_size", "intermediate_size")
@@ -114,7 +115,14 @@ def spec_problems(spec: Spec, facts: dict[str, ModelFacts | None]) -> list[str]:
         if not uses_groups or not model_facts_ or not model_facts_.widths:
             continue
         widths = model_facts_.widths
+        refusing = [m for m in spec.methods if m.params.get("group_fallback") == "error"]
         for i, group_size in enumerate(spec.group_sizes):
+            bad = non_divisible(widths, group_size)
+            for method in refusing if bad else ():
+                shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+                problems.append(f"{spec.source}: group_sizes[{i}]={group_size}: does not divide {model.name}'s "
+                                f"{shown} and {method.name} has group_fallback: error; remove the group size, "
+                                "exclude it for that method or choose another group_fallback")
             if group_size != -1 and all(w % group_size for w in widths.values()):
                 shown = ", ".join(f"{k}={v}" for k, v in widths.items())
                 divisors = [g for g in (16, 32, 64, 96, 128, 192, 256) if all(w % g == 0 for w in widths.values())]
@@ -157,7 +165,9 @@ def check(cell: Cell, facts: ModelFacts | None, memory_bytes: int | None) -> Ver
     if _looks_local(calibration) and not Path(calibration).expanduser().exists():
         return Verdict(True, "data", f"calibration set {calibration} does not exist")
     if facts is None:
-        return Verdict(False, note=f"model config of {model_path} not readable here: shape and memory checks deferred to the worker")
+        verdict = capability_verdict(cell, {})
+        return verdict if verdict.skip else Verdict(False, note=f"model config of {model_path} not readable "
+                                                            "here: shape and memory checks deferred to the worker")
 
     info = get_method(cell.method)
     if facts.params and memory_bytes:
@@ -167,14 +177,25 @@ def check(cell: Cell, facts: ModelFacts | None, memory_bytes: int | None) -> Ver
             return Verdict(True, "oom", f"needs about {needed / 2**30:.1f} GiB ({copies} copies of "
                            f"{facts.params:,} params in {cell.model.dtype}, +25%), the host has "
                            f"{memory_bytes / 2**30:.1f} GiB")
-    if not info.uses_group_size or cell.group_size in (None, -1):
-        return Verdict(False)
-    bad = {key: width for key, width in facts.widths.items() if width % cell.group_size}
+    return capability_verdict(cell, facts.widths)
+
+
+def capability_verdict(cell: Cell, widths: dict[str, int]) -> Verdict:
+    """Skip a cell outside its method's (or engine's) capabilities, with the reason; note the
+    group fallback a cell that runs will use."""
+    info = get_method(cell.method)
+    caps = info.caps(cell.params)
+    bad = non_divisible(widths, cell.group_size) if info.uses_group_size else {}
+    fallback = cell.params.get("group_fallback", "ragged")
+    why = caps.unsupported(cell.bits if info.uses_bits else None,
+                           cell.group_size if info.uses_group_size else None, fallback, bad,
+                           bool(cell.params.get("overrides")))
+    if why:
+        engine = f" (engine {cell.params['engine']})" if "engine" in cell.params else ""
+        note = f": {caps.note}" if caps.note else ""
+        return Verdict(True, "unsupported", f"'{info.name}'{engine} {why}{note}")
     if not bad:
         return Verdict(False)
     described = ", ".join(f"{key}={width}" for key, width in bad.items())
-    if not info.non_divisible_groups:
-        return Verdict(True, "shape", f"group size {cell.group_size} does not divide {described} "
-                       f"and '{info.name}' has no fallback; exclude it or pick a divisor")
-    fallback = cell.params.get("fallback", "ragged")
-    return Verdict(False, note=f"group size {cell.group_size} does not divide {described}: fallback {fallback}")
+    return Verdict(False, note=f"group size {cell.group_size} does not divide {described}: "
+                               f"group_fallback {fallback}")

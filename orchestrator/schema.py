@@ -38,6 +38,7 @@ LAYER = pa.struct([
     ("relative_error", pa.float64()),
     ("reason", pa.string()),
     ("scale_alpha", pa.float64()),
+    ("override", pa.string()),
 ])
 
 EXAMPLE = pa.struct([
@@ -68,6 +69,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
      "available); null for calibration-free methods"),
     ("calibration_hash", _S, "sha256 of the calibration token ids (int64, row-major): the calibration "
      "set's content identity; null for calibration-free methods"),
+    ("calibration_overlap", _F, "fraction of this cell's evaluation token 32-grams that also occur in "
+     "its calibration tokens (0 = disjoint); above 0.01 the cell's quality is flagged as measured on "
+     "calibration text; null for calibration-free methods"),
+    ("engine", _S, "library and version that quantized the cell, e.g. 'gptqmodel 7.6.0'; null for "
+     "qsweep's own torch methods"),
     ("dataset", _S, "dataset name from the spec"),
     ("task", _S, "evaluation task registry name"),
     ("task_version", _S, "version of the task definition"),
@@ -96,12 +102,19 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("weight_bytes_source", _S, "'stored' (bytes of a saved artifact) or 'packed-arithmetic' "
      "(exact count of codes, scales and zeros a packed format stores; the model ran dequantized)"),
     ("bits_per_weight", _F, "effective bits per weight of quantized layers, scales and zeros included"),
+    ("baseline_weight_bytes", _I, "bytes of the same model's weights unquantized, in the dtype it was loaded in"),
+    ("compression_ratio", _F, "baseline_weight_bytes / weight_bytes: above 1 the quantized weights are "
+     "smaller as stored; memory while running is model_bytes_in_memory, a different figure"),
+    ("checkpoint_format", _S, "format of the checkpoint the method saved (gptq, awq, compressed-tensors, ...); "
+     "null when it saved none (qsweep export then writes the dequantized model)"),
+    ("checkpoint_bytes", _I, "bytes of the saved checkpoint's weight files on disk; null when none was saved"),
     ("params_total", _I, "parameters in the model"),
     ("params_quantized", _I, "parameters in quantized layers"),
     ("layers_quantized", _I, "linear layers quantized"),
     ("layers_fallback", _I, "quantized layers whose width the group size does not divide (see fallback)"),
     ("layers_high_precision", _I, "linear layers left in the model's dtype"),
-    ("fallback", _S, "what non-divisible layers got: ragged | divisor | skip; null when none"),
+    ("fallback", _S, "group_fallback policy applied to layers the group size does not divide: ragged | "
+     "largest_divisor | pad | skip_layer; null when every layer divides"),
     ("layers", pa.list_(LAYER), "per linear layer: quantized or kept (reason), bits, requested "
      "group size, group layout actually used (e.g. 4x128+64), fallback, relative weight error "
      "||W - Q(W)|| / ||W||, and for gsq the chosen exponent scale_alpha of the input-channel scales"),

@@ -23,7 +23,7 @@ from tasks.evaluate.registry import KNOWN_DATASETS, TASKS, UnknownTask, get_task
 from tasks.catalog import KNOWN_MODELS
 from tasks.profile.config import ProfileConfig
 from tasks.naming import did_you_mean
-from tasks.quantize.registry import METHODS, UnknownMethod, get_method
+from tasks.quantize.registry import ALL_FALLBACKS, METHODS, UnknownMethod, get_method
 
 TOP_LEVEL_KEYS = {
     "name": "sweep name (letters, digits, '-', '_', '.')",
@@ -40,7 +40,12 @@ TOP_LEVEL_KEYS = {
     "timeout_s": "hard limit in seconds for loading + quantizing a group, and for each cell's evaluation + profiling",
     "profile": "{prompt_len, gen_len, batch_sizes, repeats, warmup}: how latency, throughput and "
                "memory are measured (recorded in rows, not part of a cell's identity)",
+    "group_fallback": "ragged | largest_divisor | pad | skip_layer | error (or a list to sweep): what layers "
+                      "a group size does not divide get, for every method that does not set its own",
+    "overrides": "list of {pattern, bits, group_size, keep}: per-layer settings by module-name pattern, "
+                 "for every method that does not set its own",
 }
+METHOD_DEFAULT_KEYS = ("group_fallback", "overrides")  # top-level keys that are method parameters
 RETRYABLE = {"crash": 2, "oom": 2, "timeout": 0}
 DETERMINISTIC = ("shape", "unsupported", "data", "nan", "error")
 DEFAULT_MAX_CELLS = 1_000_000
@@ -165,7 +170,18 @@ def parse_spec(raw: Any, source: str = "<spec>", max_cells: int = DEFAULT_MAX_CE
         problems.add("name", name, "use letters, digits, '-', '_' or '.'")
 
     models = _parse_models(raw.get("models", _MISSING), problems)
-    methods = _parse_methods(raw.get("methods", _MISSING), problems)
+    defaults = {key: raw[key] for key in METHOD_DEFAULT_KEYS if key in raw}
+    for policy in (defaults.get("group_fallback") if isinstance(defaults.get("group_fallback"), list)
+                   else [defaults.get("group_fallback", "ragged")]):
+        if not isinstance(policy, str) or policy not in ALL_FALLBACKS:
+            problems.add("group_fallback", policy, f"allowed: {_keys(sorted(ALL_FALLBACKS))} "
+                         "(see tasks/quantize/layers.py)")
+            defaults.pop("group_fallback")
+            break
+    if "overrides" in defaults and not isinstance(defaults["overrides"], list):
+        problems.add("overrides", defaults.pop("overrides"),
+                     "a list of {pattern, bits, group_size, keep}, e.g. [{pattern: lm_head, bits: 8}]")
+    methods = _parse_methods(raw.get("methods", _MISSING), problems, defaults)
     uses_bits = any(get_method(m.name).uses_bits for m in methods)
     uses_groups = any(get_method(m.name).uses_group_size for m in methods)
     bits = _int_list(raw, "bits", problems, required=uses_bits, check=lambda b: b > 0,
@@ -257,7 +273,18 @@ def _parse_models(value: Any, problems: _Problems) -> list[ModelEntry]:
     return models
 
 
-def _parse_methods(value: Any, problems: _Problems) -> list[MethodVariant]:
+def _is_axis(key: str, value: Any) -> bool:
+    """A list value is a sweep axis, except ``overrides``: a list of mappings is one value (a
+    list of such lists sweeps over override sets)."""
+    if not isinstance(value, list):
+        return False
+    if key == "overrides":
+        return bool(value) and all(isinstance(v, list) for v in value)
+    return True
+
+
+def _parse_methods(value: Any, problems: _Problems, defaults: dict[str, Any] | None = None,
+                   ) -> list[MethodVariant]:
     variants: list[MethodVariant] = []
     seen: set[tuple] = set()  # across entries: the same variant twice is one variant
     for i, entry in _entries(value, "methods", problems, "{name: rtn, sym: [true, false]}"):
@@ -269,13 +296,16 @@ def _parse_methods(value: Any, problems: _Problems) -> list[MethodVariant]:
             continue
         fields = info.config.model_fields
         params = {k: v for k, v in entry.items() if k != "name"}
+        for key, default in (defaults or {}).items():  # top-level group_fallback / overrides
+            if key in fields and key not in params:
+                params[key] = default
         for key in list(params):
             if key not in fields:
                 allowed = _keys(fields) if fields else "none (this method takes no parameters)"
                 problems.add(f"{where}.{key}", _MISSING, f"unknown parameter of '{info.name}'; "
                              f"{did_you_mean(key, fields)}allowed: {allowed}")
                 params.pop(key)
-        axes = {k: (v if isinstance(v, list) else [v]) for k, v in params.items()}
+        axes = {k: (v if _is_axis(k, v) else [v]) for k, v in params.items()}
         if any(len(v) == 0 for v in axes.values()):
             problems.add(where, params, "a parameter list must not be empty")
             continue
@@ -289,7 +319,9 @@ def _parse_methods(value: Any, problems: _Problems) -> list[MethodVariant]:
                     problems.add(f"{where}.{loc}", err.get("input"), _pydantic_message(err, info.config))
                 break
             normal = config.model_dump()
-            key = (info.name, tuple(sorted(normal.items())))
+            if not normal.get("overrides", True):
+                normal.pop("overrides")  # none: keeps the identity of specs written before overrides
+            key = (info.name, canonical_json(normal))
             if key not in seen:  # e.g. zero_point is irrelevant when sym is true
                 seen.add(key)
                 variants.append(MethodVariant(name=info.name, params=normal))
@@ -462,7 +494,8 @@ def _check_exclude_values(spec: Spec, problems: _Problems) -> None:
     }
     for variant in spec.methods:
         for key, value in variant.params.items():
-            axis_values.setdefault(key, set()).add(value)
+            if key != "overrides":  # a list of mappings: not an exclude axis
+                axis_values.setdefault(key, set()).add(value)
     for i, rule in enumerate(spec.exclude):
         for key, values in rule.items():
             for value in values:
@@ -472,7 +505,9 @@ def _check_exclude_values(spec: Spec, problems: _Problems) -> None:
 
 
 def _check_capabilities(spec: Spec, problems: _Problems, max_cells: int) -> None:
-    """Grid size and method capabilities against the grid that remains after excludes."""
+    """Grid size, and a grid that some cells remain in after excludes. A cell outside its
+    method's capabilities (bits, group size, fallback) is not a spec error: preflight skips it
+    with the reason, so one spec can cross methods of different reach."""
     from orchestrator.cells import count_cells, expand  # expansion needs a valid spec
 
     total = count_cells(spec)
@@ -484,23 +519,13 @@ def _check_capabilities(spec: Spec, problems: _Problems, max_cells: int) -> None
     if not cells:
         problems.add("exclude", _MISSING, "the spec expands to zero cells: the exclude rules "
                      "remove every cell; loosen a rule")
-    reported = set()
-    for cell in cells:
-        info = get_method(cell.method)
-        index = next(i for i, m in enumerate(spec.raw["methods"]) if m.get("name") == cell.method)
-        if info.uses_bits and cell.bits not in info.supported_bits:
-            key = ("bits", cell.method, cell.bits)
-            if key not in reported:
-                reported.add(key)
-                problems.add(f"methods[{index}].bits", cell.bits,
-                             f"'{info.name}' supports {{{_keys(sorted(info.supported_bits))}}}; "
-                             "remove it or add an exclude rule")
-        if info.uses_group_size and not info.supports_group_size(cell.group_size):
-            key = ("group_size", cell.method, cell.group_size)
-            if key not in reported:
-                reported.add(key)
-                problems.add(f"methods[{index}].group_size", cell.group_size,
-                             f"'{info.name}' does not support this group size; remove it or add an exclude rule")
+    # An axis value no method of the spec can take is a mistake, not a skip.
+    bit_methods = [m for m in spec.methods if get_method(m.name).uses_bits]
+    for i, bits in enumerate(spec.bits):
+        if bit_methods and not any(bits in get_method(m.name).caps(m.params).bits for m in bit_methods):
+            reach = "; ".join(sorted({f"'{m.name}' supports {{{_keys(sorted(get_method(m.name).caps(m.params).bits))}}}"
+                                      for m in bit_methods}))
+            problems.add(f"bits[{i}]", bits, f"no method in the spec supports it ({reach}); remove it")
 
 
 def known_tasks() -> list[str]:

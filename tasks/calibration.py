@@ -29,7 +29,7 @@ from tasks.errors import DataError
 from tasks.evaluate.data import prompt_texts
 from tasks.evaluate.perplexity import token_stream
 from tasks.evaluate.registry import KNOWN_DATASETS, get_task
-from tasks.quantize.rtn import linear_layers
+from tasks.quantize.layers import linear_layers
 
 log = logging.getLogger(__name__)
 CALIBRATION_SPLIT = "train"

@@ -14,9 +14,12 @@ import logging
 import math
 import os
 import platform
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,11 +29,12 @@ from orchestrator.schema import LAYER
 from tasks.calibration import Calibration, activation_stats, load_calibration
 from tasks.errors import NonFiniteError, classify, redact, short_traceback
 from tasks.evaluate.registry import get_task
-from tasks.models import load_model
+from tasks.models import cache_dir, load_model, resolve_model_path
 from tasks.profile.columns import eval_memory_columns, speed_columns, speed_metrics
-from tasks.profile.sizes import profile_sizes
+from tasks.profile.sizes import dense_weight_bytes, profile_sizes
 from tasks.profile.speed import profile_speed
 from tasks.profile.trackers import MemoryTracker, Timer
+from tasks.quantize.base import QuantContext
 from tasks.quantize.registry import get_method
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,7 @@ class WorkerState:
     _calibrations: dict[str, Calibration] = field(default_factory=dict)
     _model: Any = None
     _tokenizer: Any = None
+    baseline_bytes: int | None = None  # the base model's dense weight bytes
 
     def __post_init__(self) -> None:
         if self.threads:
@@ -64,6 +69,7 @@ class WorkerState:
             self._model, self._tokenizer = load_model(path, dtype, self.device, trust_remote_code)
             self._model_key = key
             self.model_loads += 1
+            self.baseline_bytes = dense_weight_bytes(self._model)
         return self._model, self._tokenizer
 
     def prepared_data(self, cell: Any, tokenizer: Any) -> Any:
@@ -83,6 +89,14 @@ class WorkerState:
             self._calibrations[key] = Calibration(data, activation_stats(self._model, data))
             self.calibration_runs += 1
         return self._calibrations[key]
+
+
+def scratch_dir() -> Path:
+    """Where quantizations write checkpoints while a group runs (removed when it ends):
+    ``$QSWEEP_SCRATCH``, else ``<cache>/scratch``."""
+    path = Path(os.environ.get("QSWEEP_SCRATCH") or cache_dir() / "scratch")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _now() -> dt.datetime:
@@ -124,7 +138,7 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
     log.info("group %s: %s %s bits=%s group_size=%s, %d cells", group.group_id, head.model.name,
              head.method, head.bits, head.group_size, len(group.cells))
 
-    stage, unusable = "load", {}
+    stage, unusable, workdir = "load", {}, None
     try:
         with Timer(state.device) as load_time:
             base, tokenizer = state.base_model(head.model.path, head.model.dtype,
@@ -153,11 +167,21 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
         with Timer(state.device) as copy_time:
             model = copy.deepcopy(base) if info.in_place else base
         stage = "quantize"
+        workdir = Path(tempfile.mkdtemp(prefix=f"qsweep-{group.group_id[:12]}-", dir=scratch_dir()))
+        ctx = QuantContext(model_path=resolve_model_path(head.model.path), workdir=workdir,
+                           device=state.device, threads=torch.get_num_threads(), seed=head.seed)
         with Timer(state.device) as quant_time:
             config = info.config(**head.params)
-            report = info.load()().quantize(model, calib, config, head.bits, head.group_size)
+            report = info.load()().quantize(model, calib, config, head.bits, head.group_size, ctx)
+            if report.model is not None:  # an engine built a new (e.g. packed) model
+                model = report.model
+                report.model = None
             _check_finite(model)
+        if report.engine:
+            common["engine"] = report.engine
     except Exception as exc:  # noqa: BLE001 - failures are rows
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
         log.warning("group %s failed at %s: %s", group.group_id, stage, exc)
         failed = {**common, **_failure(exc, stage), "attempts": 1,
                   "model_loads": state.model_loads, "finished_at": _now()}
@@ -167,7 +191,7 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
         return
 
     with Timer(state.device) as profile_time:
-        common |= profile_sizes(model, report)
+        common |= profile_sizes(model, report, state.baseline_bytes)
     common["layers"] = [{key: getattr(layer, key) for key in LAYER_FIELDS} for layer in report.layers]
     common |= {"time_load_s": load_time.seconds + copy_time.seconds, "time_quantize_s": quant_time.seconds,
                "time_profile_s": profile_time.seconds}
@@ -220,6 +244,7 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
         row |= {"attempts": attempts, "model_loads": state.model_loads, "finished_at": _now()}
         yield cell.cell_id, row
     del model
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_group_rows(group: Group, state: WorkerState, oom_retries: int = 2) -> dict[str, dict[str, Any]]:

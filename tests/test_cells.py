@@ -51,7 +51,7 @@ def test_cell_id_independent_of_key_order():
 
 def test_defaults_spelled_out_give_the_same_cell():
     explicit = copy.deepcopy(BASE)
-    explicit["methods"][1] = {"name": "rtn", "sym": [True, False], "zero_point": "int", "fallback": "ragged"}
+    explicit["methods"][1] = {"name": "rtn", "sym": [True, False], "zero_point": "int", "group_fallback": "ragged"}
     assert sorted(ids(explicit)) == sorted(ids(BASE))
 
 

@@ -10,7 +10,8 @@ import torch
 from tasks.calibration import Calibration, activation_stats, load_calibration
 from tasks.quantize.gsq import GSQ, channel_scales
 from tasks.quantize.registry import GSQConfig, RTNConfig, get_method
-from tasks.quantize.rtn import RTN, fake_quantize, linear_layers
+from tasks.quantize.layers import linear_layers
+from tasks.quantize.rtn import RTN, fake_quantize
 
 CALIBRATION = {"dataset": "pydoc-topics", "samples": 8, "seq_len": 64}
 
@@ -35,8 +36,9 @@ def _inputs(model, input_ids) -> dict[str, torch.Tensor]:
 
 def test_registry_and_config():
     info = get_method("gsq")
-    assert info.needs_calibration and info.supported_bits == frozenset(range(2, 9))
-    assert info.non_divisible_groups and info.supports_group_size(-1)
+    assert info.needs_calibration and info.capabilities.bits == frozenset(range(2, 9))
+    assert info.capabilities.unsupported(3, -1, "ragged", {}, True) is None
+    assert info.capabilities.unsupported(3, 128, "ragged", {"hidden_size": 576}, False) is None
     assert GSQConfig(sym=True).zero_point is None and GSQConfig(sym=False).zero_point == "int"
     with pytest.raises(ValueError):
         GSQConfig(alpha=0.5)

@@ -69,8 +69,8 @@ def test_perplexity_equal_to_baseline_at_q4_1_and_worse_at_3_bits(worker):
     rows = run(spec, worker)
     assert all(r["status"] == "ok" for r in rows.values()), [r.get("error_message") for r in rows.values()]
     baseline = rows[("baseline", None, None, ())]["primary_value"]
-    float_zero = (("fallback", "ragged"), ("sym", False), ("zero_point", "float"))
-    sym = (("fallback", "ragged"), ("sym", True), ("zero_point", None))
+    float_zero = (("group_fallback", "ragged"), ("sym", False), ("zero_point", "float"))
+    sym = (("group_fallback", "ragged"), ("sym", True), ("zero_point", None))
     assert rows[("rtn", 4, 32, float_zero)]["primary_value"] == pytest.approx(baseline, rel=1e-6)
     assert rows[("rtn", 3, 64, sym)]["primary_value"] > baseline * 1.2
     # Group 128 does not divide hidden 576: a ragged last group, said in the row.

@@ -52,7 +52,7 @@ def test_every_problem_reported_at_once():
         "models[0].path: 'unknown-model' is not a model qsweep knows (smollm2-135m)",
         "models[1].dtype='float64': allowed: float32, float16, bfloat16",
         "methods[0].name='rnt': unknown method 'rnt': did you mean 'rtn'? available: baseline, gsq, rtn",
-        "methods[1].speed: unknown parameter of 'rtn'; allowed: sym, zero_point, fallback",
+        "methods[1].speed: unknown parameter of 'rtn'; allowed: group_fallback, overrides, sym, zero_point",
         "methods[1].sym='maybe'",
         "bits[1]=0: allowed: positive integers",
         "group_sizes[1]=0: allowed: positive integers or -1",
@@ -66,12 +66,33 @@ def test_every_problem_reported_at_once():
     assert len(info.value.problems) >= len(expected)
 
 
-def test_capabilities_checked_after_excludes():
+def test_bits_no_method_supports_are_a_spec_error_others_skip():
     spec = dict(GOOD, bits=[1, 4])
     with pytest.raises(SpecError) as info:
         parse_spec(spec, source="s.yaml")
-    assert "s.yaml: methods[1].bits=1: 'rtn' supports {2, 3, 4, 5, 6, 7, 8}; remove it or add an exclude rule" in str(info.value)
-    parse_spec(dict(spec, exclude=[{"method": "rtn", "bits": 1}]))  # excluded: valid
+    assert "s.yaml: bits[0]=1: no method in the spec supports it ('rtn' supports {2, 3, 4, 5, 6, 7, 8}); remove it" in str(info.value)
+
+
+def test_cells_outside_a_methods_reach_are_skipped_with_the_reason():
+    from orchestrator.cells import expand
+    from orchestrator.preflight import capability_verdict
+
+    spec = parse_spec(dict(GOOD, bits=[4], group_sizes=[64, 128], group_fallback="pad",
+                           overrides=[{"pattern": "lm_head", "bits": 8}]))
+    rtn = [c for c in expand(spec) if c.method == "rtn"]
+    assert {c.params["group_fallback"] for c in rtn} == {"pad"}
+    assert rtn[0].params["overrides"] == ({"pattern": "lm_head", "bits": 8, "group_size": None, "keep": False},)
+    widths = {"hidden_size": 576, "intermediate_size": 1536}
+    g128 = next(c for c in rtn if c.group_size == 128)
+    verdict = capability_verdict(g128, widths)
+    assert not verdict.skip and "group_fallback pad" in verdict.note
+    from tasks.quantize.registry import Capabilities
+
+    caps = Capabilities(bits=frozenset({4, 8}), fallbacks=frozenset({"ragged"}), overrides=False)
+    assert "cannot apply group_fallback=pad" in caps.unsupported(4, 128, "pad", {"hidden_size": 576}, False)
+    assert caps.unsupported(4, 64, "pad", {}, False) is None
+    assert caps.unsupported(3, 64, "pad", {}, False) == "supports bits {4, 8}, not 3"
+    assert caps.unsupported(4, 64, "ragged", {}, True) == "cannot apply per-layer overrides"
 
 
 def test_bits_required_only_when_a_method_takes_them():
@@ -96,7 +117,7 @@ def test_cli_plan_exit_codes(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(dict(GOOD, bits=[99])))
     assert main(["plan", str(bad)]) == 2
-    assert f"{bad}: methods[1].bits=99" in capsys.readouterr().err
+    assert f"{bad}: bits[0]=99: no method in the spec supports it" in capsys.readouterr().err
     assert main(["plan", str(tmp_path / "missing.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
     not_yaml = tmp_path / "broken.yaml"

@@ -20,9 +20,12 @@ class WeightSize:
 def weight_size(model: Any, report: QuantReport) -> WeightSize:
     """Bytes of all weights: quantized layers counted as codes + scales + zeros, the rest at
     their dtype (tied tensors once)."""
+    import torch
+
     quantized = {layer.name: layer for layer in report.quantized_layers}
     modules = dict(model.named_modules())
-    quantized_ptrs = {modules[name].weight.data_ptr() for name in quantized}
+    quantized_ptrs = {modules[name].weight.data_ptr() for name in quantized
+                      if isinstance(getattr(modules.get(name), "weight", None), torch.Tensor)}
     seen, dense_bytes, total = set(), 0, 0
     for p in model.parameters():
         if p.data_ptr() in seen:
@@ -41,14 +44,28 @@ def weight_size(model: Any, report: QuantReport) -> WeightSize:
     )
 
 
-def profile_sizes(model: Any, report: QuantReport) -> dict[str, Any]:
+def dense_weight_bytes(model: Any) -> int:
+    """Bytes of a dense model's parameters (tied tensors once): the baseline of compression."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def profile_sizes(model: Any, report: QuantReport, baseline_bytes: int | None = None) -> dict[str, Any]:
     """Size columns of a row: weight bytes, bits per weight, layer counts, format, kernel."""
     from tasks.models import model_bytes
 
     size = weight_size(model, report)
     quantized = report.quantized_layers
+    baseline = baseline_bytes or dense_weight_bytes(model)
     return {
         "weight_bytes": size.weight_bytes, "weight_bytes_source": size.source,
+        "baseline_weight_bytes": baseline,
+        "compression_ratio": baseline / size.weight_bytes if size.weight_bytes else None,
+        "checkpoint_format": report.checkpoint_format, "checkpoint_bytes": report.checkpoint_bytes,
         "bits_per_weight": size.bits_per_weight, "params_total": size.params_total,
         "params_quantized": size.params_quantized, "layers_quantized": len(quantized),
         "layers_fallback": sum(1 for layer in quantized if layer.fallback),

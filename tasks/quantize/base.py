@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -16,8 +17,8 @@ class LayerReport:
     quantized: bool
     bits: int | None = None
     group_size: int | None = None  # as requested; -1 = per output channel
-    group_layout: str | None = None  # e.g. "4x128+64" (ragged), "6x96" (divisor), "1x576"
-    fallback: str | None = None  # set when the width is not a multiple of the group size
+    group_layout: str | None = None  # e.g. "4x128+64" (ragged), "6x96" (largest_divisor), "1x576"
+    fallback: str | None = None  # group_fallback policy applied (the group size does not divide the width)
     codes: int = 0  # quantized values stored
     scales: int = 0
     zeros: int = 0
@@ -25,20 +26,44 @@ class LayerReport:
     relative_error: float | None = None  # ||W - Q(W)||_F / ||W||_F
     reason: str | None = None  # why a layer stayed in high precision
     scale_alpha: float | None = None  # group scaling: exponent of the input-channel scales chosen
+    override: str | None = None  # the override pattern that set this layer's bits / group size
 
     def stored_bits(self, scale_bits: int = 16) -> int:
         return self.codes * (self.bits or 0) + self.scales * scale_bits + self.zeros * self.zero_bits
 
 
+@dataclass(frozen=True)
+class QuantContext:
+    """What a method may need beyond the model: where the base model lives on disk (engines that
+    load from a folder), a scratch folder for this quantization, the device and thread count."""
+
+    model_path: str  # local HF folder of the base model
+    workdir: Path  # empty folder owned by this quantization; a saved checkpoint goes here
+    device: str = "cpu"
+    threads: int = 1
+    seed: int = 0
+
+
 @dataclass
 class QuantReport:
-    """A quantized model's format and per-layer record."""
+    """A quantized model's format and per-layer record.
+
+    ``model`` is set by methods that build a new model (an engine's packed reload) instead of
+    changing the given one in place; ``checkpoint_dir`` by methods that saved a checkpoint
+    transformers loads (``qsweep export`` copies it; ``checkpoint_bytes`` is its weight files'
+    size on disk).
+    """
 
     weight_format: str  # "dense" | "fake-quant" | a packed format name
     kernel: str  # "dense" | "dequantized" | a packed kernel name
     layers: list[LayerReport] = field(default_factory=list)
     fallback: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
+    checkpoint_dir: str | None = None
+    checkpoint_format: str | None = None  # "gptq", "awq", "compressed-tensors", ...
+    checkpoint_bytes: int | None = None
+    engine: str | None = None  # library and version that quantized, e.g. "gptqmodel 7.6.0"
 
     @property
     def quantized_layers(self) -> list[LayerReport]:
@@ -55,10 +80,11 @@ class QuantReport:
 class QuantMethod(Protocol):
     """A quantization method: quantize ``model`` in place and say what was done.
 
-    ``calib`` is the tokenized calibration set (None for calibration-free methods); ``cfg`` is
-    the method's typed config from the registry; ``bits`` and ``group_size`` are None when the
-    method does not take them.
+    ``calib`` is the calibration (``tasks.calibration.Calibration``; None for calibration-free
+    methods); ``cfg`` is the method's typed config from the registry; ``bits`` and
+    ``group_size`` are None when the method does not take them; ``ctx`` says where the base
+    model is on disk and gives a scratch folder.
     """
 
     def quantize(self, model: Any, calib: Any, cfg: Any, bits: int | None,
-                 group_size: int | None) -> QuantReport: ...
+                 group_size: int | None, ctx: QuantContext) -> QuantReport: ...

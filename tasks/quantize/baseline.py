@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.quantize.base import LayerReport, QuantReport
-from tasks.quantize.rtn import linear_layers
+from tasks.quantize.base import LayerReport, QuantContext, QuantReport
+from tasks.quantize.layers import linear_layers
 
 
 class Baseline:
     def quantize(self, model: Any, calib: Any, cfg: Any, bits: int | None,
-                 group_size: int | None) -> QuantReport:
+                 group_size: int | None, ctx: QuantContext | None = None) -> QuantReport:
         layers = [LayerReport(name=name, in_features=m.in_features, out_features=m.out_features,
                               quantized=False, reason="baseline")
                   for name, m in linear_layers(model, include_head=True)]

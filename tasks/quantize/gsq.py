@@ -35,9 +35,10 @@ from typing import Any
 import torch
 
 from tasks.calibration import Calibration, LayerStats
-from tasks.quantize.base import LayerReport, QuantReport
+from tasks.quantize.base import LayerReport, QuantContext, QuantReport
+from tasks.quantize.layers import plan_layers
 from tasks.quantize.registry import GSQConfig
-from tasks.quantize.rtn import describe_layout, fake_quantize, layer_plan
+from tasks.quantize.rtn import fake_quantize, kept_report, quantized_report, relative_error, zero_bits
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
     return ((delta @ gram) * delta).sum().item()
 
 
-def search_scales(weight: torch.Tensor, stats: LayerStats, bits: int, groups: list[int],
+def search_scales(weight: torch.Tensor, stats: LayerStats, bits: int, groups: tuple[int, ...],
                   cfg: GSQConfig) -> tuple[torch.Tensor, float, float, int, int]:
     """The scaled-then-quantized weight with the smallest output error: (W', alpha, error,
     scales, zeros). Ties keep the smaller alpha, so alpha = 0 (rtn) wins unless beaten."""
@@ -75,33 +76,25 @@ def search_scales(weight: torch.Tensor, stats: LayerStats, bits: int, groups: li
 
 class GSQ:
     def quantize(self, model: Any, calib: Calibration | None, cfg: GSQConfig, bits: int | None,
-                 group_size: int | None) -> QuantReport:
+                 group_size: int | None, ctx: QuantContext | None = None) -> QuantReport:
         assert bits is not None and group_size is not None
         if calib is None:
             raise ValueError("gsq needs calibration data: add `calibration: {dataset, samples, seq_len}` to the spec")
         layers: list[LayerReport] = []
-        used_fallback = None
-        for name, module, groups, fallback, kept in layer_plan(model, group_size, cfg.fallback):
-            used_fallback = used_fallback or fallback
-            if kept is not None:
-                layers.append(kept)
+        for plan in plan_layers(model, bits, group_size, cfg):
+            if not plan.quantized:
+                layers.append(kept_report(plan))
                 continue
-            out_f, in_f = module.weight.shape
-            if name not in calib.stats:
-                raise ValueError(f"gsq: no calibration statistics for layer {name} (it saw no input)")
+            if plan.name not in calib.stats:
+                raise ValueError(f"gsq: no calibration statistics for layer {plan.name} (it saw no input)")
             with torch.no_grad():
-                original = module.weight.data
-                folded, alpha, error, scales, zeros = search_scales(original, calib.stats[name], bits,
-                                                                    groups, cfg)
-                weight_error = (torch.linalg.vector_norm(folded - original.float())
-                                / torch.linalg.vector_norm(original.float()).clamp_min(1e-30)).item()
-                module.weight.data = folded.to(original.dtype)
-            log.debug("gsq %s: alpha=%.2f output error %.3g", name, alpha, error)
-            layers.append(LayerReport(
-                name=name, in_features=in_f, out_features=out_f, quantized=True, bits=bits,
-                group_size=group_size, group_layout=describe_layout(groups), fallback=fallback,
-                codes=in_f * out_f, scales=scales + (in_f if alpha > 0 else 0), zeros=zeros,
-                zero_bits=0 if cfg.sym else (16 if cfg.zero_point == "float" else bits),
-                relative_error=weight_error, scale_alpha=alpha))
+                original = plan.module.weight.data
+                folded, alpha, error, scales, zeros = search_scales(original, calib.stats[plan.name],
+                                                                    plan.bits, plan.groups, cfg)
+                plan.module.weight.data = folded.to(original.dtype)
+            log.debug("gsq %s: alpha=%.2f output error %.3g", plan.name, alpha, error)
+            layers.append(quantized_report(plan, scales + (plan.in_features if alpha > 0 else 0), zeros,
+                                           zero_bits(cfg, plan.bits), relative_error(folded, original),
+                                           scale_alpha=alpha))
         return QuantReport(weight_format="fake-quant", kernel="dequantized", layers=layers,
-                           fallback=used_fallback)
+                           fallback=next((layer.fallback for layer in layers if layer.fallback), None))

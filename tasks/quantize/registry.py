@@ -25,25 +25,58 @@ class BaselineConfig(MethodConfig):
     """The unquantized model in its dtype. Takes no parameters."""
 
 
-class RTNConfig(MethodConfig):
+GroupFallback = Literal["ragged", "largest_divisor", "pad", "skip_layer", "error"]
+
+
+class LayerOverride(BaseModel):
+    """One per-layer override (``tasks.quantize.layers``): modules whose name matches
+    ``pattern`` (fnmatch) get these bits / group size, or stay in dtype with ``keep: true``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pattern: str = Field(min_length=1)
+    bits: int | None = Field(None, ge=2, le=16)
+    group_size: int | None = None
+    keep: bool = False
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> LayerOverride:
+        if not self.keep and self.bits is None and self.group_size is None:
+            raise ValueError("an override sets bits, group_size or keep: true")
+        if self.group_size is not None and self.group_size != -1 and self.group_size < 1:
+            raise ValueError("group_size is a positive integer or -1 (per output channel)")
+        return self
+
+
+class WeightQuantConfig(MethodConfig):
+    """Parameters every weight-quantization method takes; the spec's top-level
+    ``group_fallback`` and ``overrides`` fill them for methods that do not set their own.
+
+    - ``group_fallback``: what a layer whose width the group size does not divide gets
+      (``ragged`` | ``largest_divisor`` | ``pad`` | ``skip_layer`` | ``error``; see
+      ``tasks.quantize.layers``). A method that cannot apply a policy is skipped for that cell.
+    - ``overrides``: per-layer bits / group size / keep, by module-name pattern.
+    """
+
+    group_fallback: GroupFallback = "ragged"
+    overrides: tuple[LayerOverride, ...] = ()
+
+
+class RTNConfig(WeightQuantConfig):
     """Round-to-nearest group quantization.
 
     ```yaml
-    - {name: rtn, sym: [true, false], zero_point: [int, float], fallback: ragged}
+    - {name: rtn, sym: [true, false], zero_point: [int, float]}
     ```
 
     - ``sym``: symmetric (no zero point) or asymmetric.
     - ``zero_point``: for asymmetric only. ``int``: an integer zero point as GPTQ/AWQ formats
       store it (``w = scale * (q - z)``); ``float``: a float offset as llama.cpp's Q4_1 and HQQ
       store it (``w = min + scale * q``). Ignored (normalised to ``None``) when ``sym`` is true.
-    - ``fallback``: what a layer whose input width is not a multiple of the group size gets.
-      ``ragged``: full groups plus one shorter last group; ``divisor``: the largest group size
-      below the requested one that divides the width; ``skip``: the layer stays unquantized.
     """
 
     sym: bool = True
     zero_point: Literal["int", "float"] | None = "int"
-    fallback: Literal["ragged", "divisor", "skip"] = "ragged"
 
     @model_validator(mode="after")
     def _zero_point_only_when_asymmetric(self) -> RTNConfig:
@@ -59,16 +92,51 @@ class GSQConfig(RTNConfig):
 
     ```yaml
     methods:
-      - {name: gsq, sym: false, zero_point: int, fallback: ragged, alpha_grid: 20}
+      - {name: gsq, sym: false, zero_point: int, alpha_grid: 20}
     calibration: {dataset: pydoc-topics, samples: 32, seq_len: 256}
     ```
 
-    ``sym``, ``zero_point`` and ``fallback`` mean what they mean for ``rtn``; ``alpha_grid`` is
-    the number of steps of the search over the scaling exponent in [0, 1] (``alpha_grid + 1``
-    candidates, 0 = no scaling = rtn).
+    ``sym`` and ``zero_point`` mean what they mean for ``rtn``; ``alpha_grid`` is the number of
+    steps of the search over the scaling exponent in [0, 1] (``alpha_grid + 1`` candidates,
+    0 = no scaling = rtn).
     """
 
     alpha_grid: int = Field(20, ge=1, le=1000)
+
+
+ALL_FALLBACKS = frozenset({"ragged", "largest_divisor", "pad", "skip_layer", "error"})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one method (or one engine of it) can do; preflight skips cells outside it, with the
+    reason, before any model is loaded."""
+
+    bits: frozenset[int]
+    group_sizes: frozenset[int] | None = None  # None: any positive size
+    per_channel: bool = True  # group_size -1 = one scale per output channel
+    fallbacks: frozenset[str] = ALL_FALLBACKS
+    overrides: bool = True  # per-layer bits / group size / keep
+    packed_format: str | None = None  # None: the quantized model is held dequantized
+    note: str = ""  # why the limits are what they are
+
+    def unsupported(self, bits: int | None, group_size: int | None, fallback: str | None,
+                    non_divisible: dict[str, int], has_overrides: bool) -> str | None:
+        """Why a cell is outside these capabilities, or None."""
+        if bits is not None and self.bits and bits not in self.bits:
+            return f"supports bits {{{', '.join(map(str, sorted(self.bits)))}}}, not {bits}"
+        if group_size == -1 and not self.per_channel:
+            return "has no per-output-channel mode (group_size -1)"
+        if group_size not in (None, -1) and self.group_sizes is not None and group_size not in self.group_sizes:
+            return (f"supports group sizes {{{', '.join(map(str, sorted(self.group_sizes)))}}}, "
+                    f"not {group_size}")
+        if non_divisible and fallback not in self.fallbacks:
+            shown = ", ".join(f"{k}={v}" for k, v in non_divisible.items())
+            return (f"cannot apply group_fallback={fallback} (group size {group_size} does not divide "
+                    f"{shown}); it can: {', '.join(sorted(self.fallbacks))}")
+        if has_overrides and not self.overrides:
+            return "cannot apply per-layer overrides"
+        return None
 
 
 @dataclass(frozen=True)
@@ -83,16 +151,21 @@ class MethodInfo:
     uses_bits: bool = True
     uses_group_size: bool = True
     needs_calibration: bool = False
-    supported_bits: frozenset[int] = frozenset()
-    per_channel: bool = True  # group_size -1 = one scale per output channel
-    non_divisible_groups: bool = False  # handles widths that the group size does not divide
-    packed_format: str | None = None  # None: the quantized model is held dequantized
+    capabilities: Capabilities = Capabilities(bits=frozenset())
+    # engine name -> its capabilities, for methods whose config has an ``engine`` field
+    engines: dict[str, Capabilities] | None = None
     in_place: bool = True  # changes the model's weights, so it gets a copy of the base model
+    packages: tuple[str, ...] = ()  # importable modules it needs (checked before any cell runs)
 
-    def supports_group_size(self, group_size: int) -> bool:
-        if group_size == -1:
-            return self.per_channel
-        return group_size > 0
+    def caps(self, params: dict[str, Any]) -> Capabilities:
+        """The capabilities of this method with these parameters (its engine's, if it has engines)."""
+        if self.engines is not None:
+            return self.engines[params["engine"]]
+        return self.capabilities
+
+    @property
+    def packed_format(self) -> str | None:
+        return self.capabilities.packed_format
 
     def load(self) -> Any:
         module_name, attr = self.target.split(":")
@@ -108,7 +181,7 @@ METHODS: dict[str, MethodInfo] = {
         description="unquantized model in its dtype",
         uses_bits=False,
         uses_group_size=False,
-        packed_format="dense",
+        capabilities=Capabilities(bits=frozenset(), packed_format="dense"),
         in_place=False,
     ),
     "rtn": MethodInfo(
@@ -117,8 +190,7 @@ METHODS: dict[str, MethodInfo] = {
         config=RTNConfig,
         version="1",
         description="round-to-nearest group quantization (torch, fake-quant)",
-        supported_bits=frozenset(range(2, 9)),
-        non_divisible_groups=True,
+        capabilities=Capabilities(bits=frozenset(range(2, 9))),
     ),
     "gsq": MethodInfo(
         name="gsq",
@@ -128,8 +200,7 @@ METHODS: dict[str, MethodInfo] = {
         description="group scaling quantization: activation-aware input-channel scales searched "
                     "on calibration data, then rtn's group quantizer (torch, fake-quant)",
         needs_calibration=True,
-        supported_bits=frozenset(range(2, 9)),
-        non_divisible_groups=True,
+        capabilities=Capabilities(bits=frozenset(range(2, 9))),
     ),
 }
 

@@ -3,9 +3,10 @@ convention. Also the group quantizer other methods (e.g. group scaling) reuse.
 
 ```yaml
 methods:
-  - {name: rtn, sym: [true, false], zero_point: float, fallback: ragged}
+  - {name: rtn, sym: [true, false], zero_point: float}
 bits: [3, 4]
 group_sizes: [32, 64, 128, -1]
+group_fallback: ragged       # widths a group size does not divide: see tasks.quantize.layers
 ```
 
 Conventions (``maxq = 2**bits - 1``; scales and float zero points are rounded to float16, as
@@ -24,45 +25,13 @@ scales and zeros a packed format would store.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from tasks.quantize.base import LayerReport, QuantReport
+from tasks.quantize.base import LayerReport, QuantContext, QuantReport
+from tasks.quantize.layers import LayerPlan, describe_layout, plan_layers
 from tasks.quantize.registry import RTNConfig
-
-HEAD_NAMES = ("lm_head",)
-
-
-def linear_layers(model: torch.nn.Module, include_head: bool = False) -> list[tuple[str, torch.nn.Linear]]:
-    """The model's linear layers in order; the output head is left out unless asked for."""
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear)
-            and (include_head or name.split(".")[-1] not in HEAD_NAMES)]
-
-
-def group_layout(width: int, group_size: int, fallback: str) -> tuple[list[int], str | None]:
-    """Group widths covering ``width`` input channels, and the fallback used (None if none)."""
-    if group_size == -1 or group_size >= width:
-        return [width], None
-    if width % group_size == 0:
-        return [group_size] * (width // group_size), None
-    if fallback == "ragged":
-        return [group_size] * (width // group_size) + [width % group_size], "ragged"
-    if fallback == "divisor":
-        size = max(d for d in range(1, group_size) if width % d == 0)
-        return [size] * (width // size), "divisor"
-    return [], "skip"
-
-
-def describe_layout(groups: list[int]) -> str:
-    if not groups:
-        return "none"
-    head, count = groups[0], sum(1 for g in groups if g == groups[0])
-    tail = [g for g in groups[count:]]
-    return f"{count}x{head}" + "".join(f"+{g}" for g in tail)
-
 
 def quantize_groups(weight: torch.Tensor, bits: int, sym: bool, zero_point: str | None,
                     ) -> tuple[torch.Tensor, int, int]:
@@ -98,68 +67,71 @@ def quantize_groups(weight: torch.Tensor, bits: int, sym: bool, zero_point: str 
     return scale * (q - zero), scale.numel(), zero.numel()
 
 
-def fake_quantize(weight: torch.Tensor, bits: int, groups: list[int], sym: bool,
+def fake_quantize(weight: torch.Tensor, bits: int, groups: list[int] | tuple[int, ...], sym: bool,
                   zero_point: str | None) -> tuple[torch.Tensor, int, int]:
-    """Quantize a [out, in] weight with the given group widths along ``in``."""
+    """Quantize a [out, in] weight with the given group widths along ``in``. Groups that cover
+    more than ``in`` (``pad``) are quantized with zero columns appended, which are then cut."""
+    width = weight.shape[1]
+    if sum(groups) > width:
+        weight = torch.nn.functional.pad(weight, (0, sum(groups) - width))
     pieces, scales, zeros, start = [], 0, 0, 0
     # Groups of one width are quantized in one batched call; a ragged tail gets its own.
     runs: list[tuple[int, int]] = []
-    for width in groups:
-        if runs and runs[-1][0] == width:
-            runs[-1] = (width, runs[-1][1] + 1)
+    for group in groups:
+        if runs and runs[-1][0] == group:
+            runs[-1] = (group, runs[-1][1] + 1)
         else:
-            runs.append((width, 1))
-    for width, count in runs:
-        block = weight[:, start:start + width * count]
-        shaped = block.reshape(block.shape[0], count, width)
+            runs.append((group, 1))
+    for group, count in runs:
+        block = weight[:, start:start + group * count]
+        shaped = block.reshape(block.shape[0], count, group)
         deq, s, z = quantize_groups(shaped, bits, sym, zero_point)
         pieces.append(deq.reshape(block.shape))
-        scales, zeros, start = scales + s, zeros + z, start + width * count
-    return torch.cat(pieces, dim=1).to(weight.dtype), scales, zeros
+        scales, zeros, start = scales + s, zeros + z, start + group * count
+    return torch.cat(pieces, dim=1)[:, :width].to(weight.dtype), scales, zeros
 
 
-def layer_plan(model: torch.nn.Module, group_size: int, fallback_policy: str,
-               ) -> Iterator[tuple[str, torch.nn.Linear, list[int], str | None, LayerReport | None]]:
-    """Each linear layer with its group widths and fallback; ``kept`` is the report of a layer
-    that stays in the model's dtype (the output head, or a ``skip`` fallback), else None."""
-    for name, module in linear_layers(model, include_head=True):
-        out_f, in_f = module.weight.shape
-        if name.split(".")[-1] in HEAD_NAMES:
-            yield name, module, [], None, LayerReport(
-                name=name, in_features=in_f, out_features=out_f, quantized=False,
-                reason="output head kept in dtype")
-            continue
-        groups, fallback = group_layout(in_f, group_size, fallback_policy)
-        kept = None if groups else LayerReport(
-            name=name, in_features=in_f, out_features=out_f, quantized=False, fallback=fallback,
-            group_size=group_size,
-            reason=f"width {in_f} not a multiple of group size {group_size} (fallback: skip)")
-        yield name, module, groups, fallback, kept
+def kept_report(plan: LayerPlan) -> LayerReport:
+    """The record of a layer the plan keeps in dtype."""
+    return LayerReport(name=plan.name, in_features=plan.in_features, out_features=plan.out_features,
+                       quantized=False, group_size=plan.group_size, fallback=plan.fallback,
+                       reason=plan.reason, override=plan.override)
+
+
+def quantized_report(plan: LayerPlan, scales: int, zeros: int, zero_bits: int, error: float,
+                     **extra: Any) -> LayerReport:
+    """The record of a quantized layer; codes count padded columns under ``pad``."""
+    return LayerReport(
+        name=plan.name, in_features=plan.in_features, out_features=plan.out_features, quantized=True,
+        bits=plan.bits, group_size=plan.group_size,
+        group_layout=describe_layout(list(plan.groups), plan.in_features), fallback=plan.fallback,
+        codes=sum(plan.groups) * plan.out_features, scales=scales, zeros=zeros, zero_bits=zero_bits,
+        relative_error=error, override=plan.override, **extra)
+
+
+def relative_error(new: torch.Tensor, original: torch.Tensor) -> float:
+    return (torch.linalg.vector_norm(new.float() - original.float())
+            / torch.linalg.vector_norm(original.float()).clamp_min(1e-30)).item()
+
+
+def zero_bits(cfg: RTNConfig, bits: int) -> int:
+    return 0 if cfg.sym else (16 if cfg.zero_point == "float" else bits)
 
 
 class RTN:
     def quantize(self, model: Any, calib: Any, cfg: RTNConfig, bits: int | None,
-                 group_size: int | None) -> QuantReport:
+                 group_size: int | None, ctx: QuantContext | None = None) -> QuantReport:
         assert bits is not None and group_size is not None
         layers: list[LayerReport] = []
-        used_fallback = None
-        for name, module, groups, fallback, kept in layer_plan(model, group_size, cfg.fallback):
-            used_fallback = used_fallback or fallback
-            if kept is not None:
-                layers.append(kept)
+        for plan in plan_layers(model, bits, group_size, cfg):
+            if not plan.quantized:
+                layers.append(kept_report(plan))
                 continue
-            out_f, in_f = module.weight.shape
             with torch.no_grad():
-                original = module.weight.data
-                deq, scales, zeros = fake_quantize(original, bits, groups, cfg.sym, cfg.zero_point)
-                error = (torch.linalg.vector_norm(deq.float() - original.float())
-                         / torch.linalg.vector_norm(original.float()).clamp_min(1e-30)).item()
-                module.weight.data = deq
-            layers.append(LayerReport(
-                name=name, in_features=in_f, out_features=out_f, quantized=True, bits=bits,
-                group_size=group_size, group_layout=describe_layout(groups), fallback=fallback,
-                codes=in_f * out_f, scales=scales, zeros=zeros,
-                zero_bits=0 if cfg.sym else (16 if cfg.zero_point == "float" else bits),
-                relative_error=error))
+                original = plan.module.weight.data
+                deq, scales, zeros = fake_quantize(original, plan.bits, plan.groups, cfg.sym, cfg.zero_point)
+                plan.module.weight.data = deq
+            layers.append(quantized_report(plan, scales, zeros, zero_bits(cfg, plan.bits),
+                                           relative_error(deq, original)))
         return QuantReport(weight_format="fake-quant", kernel="dequantized", layers=layers,
-                           fallback=used_fallback)
+                           fallback=next((layer.fallback for layer in layers if layer.fallback), None))
