@@ -107,6 +107,105 @@ class GSQConfig(RTNConfig):
 ALL_FALLBACKS = frozenset({"ragged", "largest_divisor", "pad", "skip_layer", "error"})
 
 
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ: column-by-column rounding with second-order error compensation on calibration data.
+
+    ```yaml
+    methods:
+      - {name: gptq, engine: [gptqmodel, llmcompressor], sym: true, damping: 0.01,
+         act_order: false, true_sequential: true}
+    calibration: {dataset: pydoc-topics, samples: 32, seq_len: 256}
+    ```
+
+    - ``engine``: ``gptqmodel`` (GPTQModel; packed GPTQ checkpoint, reloaded with its torch
+      kernel) or ``llmcompressor`` (vLLM's llm-compressor; compressed-tensors checkpoint).
+      The same cell on both engines is a cross-library A/B.
+    - ``damping``: fraction of the Hessian's mean diagonal added to it (GPTQModel
+      ``damp_percent``, llm-compressor ``dampening_frac``).
+    - ``act_order``: quantize columns in order of decreasing Hessian diagonal (``desc_act``).
+    - ``true_sequential``: quantize the layers of a block one after another, each calibrated on
+      the outputs of the already-quantized ones.
+    """
+
+    engine: Literal["gptqmodel", "llmcompressor"] = "gptqmodel"
+    sym: bool = True
+    damping: float = Field(0.01, gt=0, lt=1)
+    act_order: bool = False
+    true_sequential: bool = True
+
+
+class AWQConfig(WeightQuantConfig):
+    """AWQ: activation-aware per-input-channel scales searched on calibration data, then group
+    quantization.
+
+    ```yaml
+    methods:
+      - {name: awq, engine: [gptqmodel, llmcompressor], sym: false}
+    calibration: {dataset: pydoc-topics, samples: 32, seq_len: 256}
+    ```
+    """
+
+    engine: Literal["gptqmodel", "llmcompressor"] = "gptqmodel"
+    sym: bool = False
+
+
+class HQQConfig(WeightQuantConfig):
+    """Half-quadratic quantization (calibration-free): zero points and scales optimised per
+    group to minimise an lp error of the weights, with HQQ's own API.
+
+    ```yaml
+    methods:
+      - {name: hqq, optimize: true}
+    ```
+    """
+
+    optimize: bool = True
+
+
+class Int8Config(WeightQuantConfig):
+    """8-bit integers: ``torchao`` = weight-only, one scale per output channel;
+    ``llmcompressor`` = W8A8 (int8 weights and dynamic per-token int8 activations) after
+    SmoothQuant moves activation outliers into the weights.
+
+    ```yaml
+    methods:
+      - {name: int8, engine: [torchao, llmcompressor], smoothing_strength: 0.8}
+    bits: [8]
+    ```
+    """
+
+    engine: Literal["torchao", "llmcompressor"] = "torchao"
+    smoothing_strength: float = Field(0.8, ge=0, le=1)  # llmcompressor's SmoothQuant only
+
+
+class FP8Config(WeightQuantConfig):
+    """FP8 (E4M3) weights with one scale per output channel.
+
+    ```yaml
+    methods:
+      - {name: fp8, engine: llmcompressor}
+    bits: [8]
+    ```
+    """
+
+    engine: Literal["torchao", "llmcompressor"] = "llmcompressor"
+
+
+class NF4Config(WeightQuantConfig):
+    """4-bit NormalFloat (bitsandbytes): one absmax per block of ``group_size`` weights.
+    A model is never saved after a forward pass (bitsandbytes 0.50.2 corrupts it).
+
+    ```yaml
+    methods:
+      - {name: nf4, double_quant: false}
+    bits: [4]
+    group_sizes: [64]
+    ```
+    """
+
+    double_quant: bool = False
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What one method (or one engine of it) can do; preflight skips cells outside it, with the
@@ -201,6 +300,72 @@ METHODS: dict[str, MethodInfo] = {
                     "on calibration data, then rtn's group quantizer (torch, fake-quant)",
         needs_calibration=True,
         capabilities=Capabilities(bits=frozenset(range(2, 9))),
+    ),
+    # Engine-backed methods: capabilities are each engine's measured reach (see the engine
+    # modules in tasks/quantize/engines/ for how each limit was found).
+    "gptq": MethodInfo(
+        name="gptq",
+        target="tasks.quantize.engines:GPTQ",
+        config=GPTQConfig,
+        version="1",
+        description="GPTQ via GPTQModel or llm-compressor (packed checkpoint)",
+        needs_calibration=True,
+        engines={
+            "gptqmodel": Capabilities(bits=frozenset({2, 3, 4, 8}), packed_format="gptq"),
+            "llmcompressor": Capabilities(bits=frozenset({4, 8}), packed_format="compressed-tensors",
+                                          fallbacks=frozenset({"skip_layer", "error"})),
+        },
+    ),
+    "awq": MethodInfo(
+        name="awq",
+        target="tasks.quantize.engines:AWQ",
+        config=AWQConfig,
+        version="1",
+        description="AWQ via GPTQModel or llm-compressor",
+        needs_calibration=True,
+        engines={
+            "gptqmodel": Capabilities(bits=frozenset({4}), packed_format="awq"),
+            "llmcompressor": Capabilities(bits=frozenset({4, 8}), packed_format="compressed-tensors",
+                                          fallbacks=frozenset({"skip_layer", "error"})),
+        },
+    ),
+    "hqq": MethodInfo(
+        name="hqq",
+        target="tasks.quantize.hqq:HQQ",
+        config=HQQConfig,
+        version="1",
+        description="half-quadratic quantization, calibration-free (hqq library)",
+        capabilities=Capabilities(bits=frozenset({1, 2, 3, 4, 8}), packed_format="hqq"),
+    ),
+    "int8": MethodInfo(
+        name="int8",
+        target="tasks.quantize.engines:Int8",
+        config=Int8Config,
+        version="1",
+        description="int8 weight-only (torchao) or W8A8 with SmoothQuant (llm-compressor)",
+        engines={
+            "torchao": Capabilities(bits=frozenset({8}), packed_format="torchao-int8"),
+            "llmcompressor": Capabilities(bits=frozenset({8}), packed_format="compressed-tensors"),
+        },
+    ),
+    "fp8": MethodInfo(
+        name="fp8",
+        target="tasks.quantize.engines:FP8",
+        config=FP8Config,
+        version="1",
+        description="FP8 E4M3 weights (torchao or llm-compressor)",
+        engines={
+            "torchao": Capabilities(bits=frozenset({8}), packed_format="torchao-fp8"),
+            "llmcompressor": Capabilities(bits=frozenset({8}), packed_format="compressed-tensors"),
+        },
+    ),
+    "nf4": MethodInfo(
+        name="nf4",
+        target="tasks.quantize.nf4:NF4",
+        config=NF4Config,
+        version="1",
+        description="4-bit NormalFloat, bitsandbytes",
+        capabilities=Capabilities(bits=frozenset({4}), packed_format="bnb-nf4"),
     ),
 }
 
