@@ -20,7 +20,8 @@ Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_d
   ``baseline_tpot_p50_ms``, ``memory_bytes`` with ``memory_kind`` = the first measured of
   nvml_peak_process_bytes, cuda_peak_reserved_bytes, peak_rss_bytes) and ``anomaly``: null,
   or '; '-joined flags: ``beats baseline beyond its uncertainty`` (better with p < 0.05, or by
-  more than 1.96 delta_stderr when unpaired), ``non-finite metric``, ``larger than baseline``.
+  more than 1.96 delta_stderr when unpaired), ``non-finite metric``, ``larger than baseline``,
+  ``evaluated on calibration text`` (calibration_overlap above 1%).
 - ``pareto``: the non-dominated ok cells per (model, dataset, primary metric) over quality
   (direction-aware), weight_bytes (lower) and per-token latency tpot_p50_ms (lower; a cell
   without latency counts as infinitely slow). Columns: model, dataset, metric, cell_id,
@@ -54,6 +55,7 @@ DERIVED_VIEWS = {
                    c.dataset, c.eval_settings, c."limit", c.finished_at, m.metric, m.value, m.stderr,
                    m.metric = c.primary_metric as is_primary, d.higher_is_better, d.example_metric,
                    d.test, d.scale, c.weight_bytes, c.bits_per_weight, c.kernel, c.weight_format,
+                   c.calibration_overlap,
                    c.ttft_ms, c.tpot_p50_ms, c.throughput_tok_s,
                    coalesce(c.nvml_peak_process_bytes, c.cuda_peak_reserved_bytes, c.peak_rss_bytes) as memory_bytes,
                    case when c.nvml_peak_process_bytes is not null then 'nvml_peak_process_bytes'
@@ -132,7 +134,8 @@ DERIVED_VIEWS = {
                         then 'beats baseline beyond its uncertainty' end,
                    case when not coalesce(isfinite(value) and isfinite(baseline_value), false)
                         then 'non-finite metric' end,
-                   case when weight_bytes > baseline_weight_bytes then 'larger than baseline' end), '') as anomaly
+                   case when weight_bytes > baseline_weight_bytes then 'larger than baseline' end,
+                   case when calibration_overlap > 0.01 then 'evaluated on calibration text' end), '') as anomaly
         from scored
     """,
     "pareto": f"""

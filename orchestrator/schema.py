@@ -93,6 +93,9 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("primary_value", _F, "value of the primary metric"),
     ("primary_stderr", _F, "standard error of the primary metric"),
     ("primary_n", _I, "samples behind the primary metric (task-specific unit)"),
+    ("kl_divergence", _F, "mean per-token KL(baseline || this model) of the next-token distribution in "
+     "nats on the evaluation windows (token-perplexity tasks; also in metrics with top1_agreement); "
+     "null for the baseline itself and for other tasks"),
     ("metrics", pa.list_(METRIC), "all metrics of the cell with their definitions (stderr, n; "
      "accuracy-type metrics also a Wilson 95% interval)"),
     ("examples", pa.list_(EXAMPLE), "per-example outcomes (correct, rank, NLL per window/document) "

@@ -27,7 +27,7 @@ import torch
 
 from tasks.errors import DataError
 from tasks.evaluate.data import prompt_texts
-from tasks.evaluate.perplexity import token_stream
+from tasks.evaluate.perplexity import token_stream, windows
 from tasks.evaluate.registry import KNOWN_DATASETS, get_task
 from tasks.quantize.layers import linear_layers
 
@@ -117,3 +117,33 @@ def activation_stats(model: Any, data: CalibrationSet, batch_size: int = 8) -> d
             handle.remove()
     return {name: LayerStats(sums[name] / counts[name], grams[name] / counts[name], counts[name])
             for name in sums if counts[name]}
+
+
+OVERLAP_NGRAM = 32
+
+
+def _ngram_hashes(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """One int64 hash per ``n``-gram of each row of ``ids`` (wrapping polynomial hash)."""
+    rows = ids.reshape(-1, ids.shape[-1]) if ids.dim() > 1 else ids.reshape(1, -1)
+    if rows.shape[1] < n:
+        return torch.empty(0, dtype=torch.int64)
+    grams = rows.unfold(1, n, 1).reshape(-1, n).to(torch.int64)
+    powers = torch.full((n,), 1_000_003, dtype=torch.int64).cumprod(0)  # wraps: a hash, not a count
+    return (grams * powers).sum(-1)
+
+
+def calibration_overlap(calibration_ids: torch.Tensor, prepared: Any, n: int = OVERLAP_NGRAM) -> float | None:
+    """Share of the evaluation stream's ``n``-token sequences that also occur in the calibration
+    windows: 0 for disjoint text, near 1 when a cell is evaluated on its own calibration data.
+    None for tasks whose prepared data is not a token stream."""
+    stream = prepared if hasattr(prepared, "ids") else getattr(prepared, "tokens", None)
+    if stream is None or not hasattr(stream, "ids"):
+        return None
+    seq_len = stream.settings["seq_len"]
+    spans = windows(len(stream.ids), seq_len, stream.settings.get("stride") or seq_len, stream.limit)
+    ids = stream.ids[:spans[-1][1]] if spans else stream.ids  # the tokens the windows score
+    evaluated = _ngram_hashes(torch.tensor(ids, dtype=torch.int64), n)
+    if evaluated.numel() == 0:
+        return None
+    seen = _ngram_hashes(calibration_ids.reshape(-1), n)  # the windows are consecutive pieces of one stream
+    return torch.isin(evaluated, seen).float().mean().item()

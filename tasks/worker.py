@@ -26,8 +26,9 @@ import torch
 
 from orchestrator.cells import Group
 from orchestrator.schema import LAYER
-from tasks.calibration import Calibration, activation_stats, load_calibration
+from tasks.calibration import Calibration, activation_stats, calibration_overlap, load_calibration
 from tasks.errors import NonFiniteError, classify, redact, short_traceback
+from tasks.evaluate.reference import BaselineLogprobs
 from tasks.evaluate.registry import get_task
 from tasks.models import cache_dir, load_model, resolve_model_path
 from tasks.profile.columns import eval_memory_columns, speed_columns, speed_metrics
@@ -52,6 +53,7 @@ class WorkerState:
     calibration_runs: int = 0  # activation statistics computed (once per model and calibration spec)
     _model_key: tuple | None = None
     _prepared: dict[str, Any] = field(default_factory=dict)
+    _references: dict[str, BaselineLogprobs] = field(default_factory=dict)
     _calibrations: dict[str, Calibration] = field(default_factory=dict)
     _model: Any = None
     _tokenizer: Any = None
@@ -66,6 +68,7 @@ class WorkerState:
         if key != self._model_key:
             self._model = self._tokenizer = None  # free the previous model before loading
             self._calibrations.clear()
+            self._references.clear()
             self._model, self._tokenizer = load_model(path, dtype, self.device, trust_remote_code)
             self._model_key = key
             self.model_loads += 1
@@ -79,6 +82,14 @@ class WorkerState:
             task = get_task(cell.dataset.task).load()()
             self._prepared[key] = task.prepare(cell.dataset, tokenizer, cell.seed)
         return self._prepared[key]
+
+    def reference(self, cell: Any) -> BaselineLogprobs:
+        """The base model's next-token log-probs on the cell's dataset, computed once per
+        dataset per actor and shared by every quantized cell (KL divergence)."""
+        key = json.dumps([self._model_key, cell.identity()["dataset"], cell.seed], sort_keys=True, default=str)
+        if key not in self._references:
+            self._references[key] = BaselineLogprobs(self._model)
+        return self._references[key]
 
     def calibration(self, spec: dict[str, Any]) -> Calibration:
         """Calibration windows and the base model's activation statistics, built once per
@@ -203,8 +214,14 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
         while True:
             attempts += 1
             try:
+                task = get_task(cell.dataset.task).load()()
+                # KL against the base model the actor keeps, unless this is that model
+                compare = getattr(task, "takes_reference", False) and model is not base
                 with MemoryTracker(state.device) as peak, Timer(state.device) as eval_time:
-                    result = get_task(cell.dataset.task).load()().evaluate(model, tokenizer, data)
+                    if compare:
+                        result = task.evaluate(model, tokenizer, data, reference=state.reference(cell))
+                    else:
+                        result = task.evaluate(model, tokenizer, data)
                 _check_metrics(result.metrics)
                 row |= {
                     "status": "ok", "primary_metric": result.primary.metric,
@@ -217,6 +234,11 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
                 }
                 if result.task_version:
                     row["task_version"] = result.task_version
+                kl = next((m.value for m in result.metrics if m.metric == "kl_divergence"), None)
+                if kl is not None:
+                    row["kl_divergence"] = kl
+                if calib is not None:
+                    row["calibration_overlap"] = calibration_overlap(calib.data.input_ids, data)
                 log.info("cell %s: %s=%.4f", cell.cell_id, result.primary.metric, result.primary.value)
                 break
             except Exception as exc:  # noqa: BLE001 - failures are rows

@@ -144,6 +144,8 @@ def test_sweep_reuses_calibration_statistics(tiny_llama):
     assert gsq3["calibration_tokens"] == gsq4["calibration_tokens"] == 512
     assert gsq3["calibration_hash"] == gsq4["calibration_hash"] and len(gsq3["calibration_hash"]) == 64
     assert "calibration_tokens" not in rtn3
+    # calibration reads pydoc-topics' train topics, evaluation its test topics: disjoint
+    assert gsq3["calibration_overlap"] == 0.0 and "calibration_overlap" not in rtn3
     assert all(layer["scale_alpha"] is not None for layer in gsq3["layers"] if layer["quantized"])
     assert all(layer["scale_alpha"] is None for layer in rtn3["layers"])
     table = to_table([gsq3, rtn3])

@@ -56,6 +56,9 @@ class TokenStream:
 
 
 class TokenPerplexity:
+    # evaluate() takes ``reference``: the baseline's next-token log-probs, for KL divergence
+    takes_reference = True
+
     def prepare(self, dataset: Any, tokenizer: Any, seed: int = 0) -> TokenStream:
         settings = dataset.settings
         texts = load_texts(dataset.path, settings["split"], settings["text_field"])
@@ -64,7 +67,12 @@ class TokenPerplexity:
         return TokenStream(token_stream(tokenizer, texts, needed), dataset.limit, settings,
                            settings["batch_size"])
 
-    def evaluate(self, model: Any, tokenizer: Any, prepared: TokenStream) -> EvalResult:
+    def evaluate(self, model: Any, tokenizer: Any, prepared: TokenStream,
+                 reference: Any = None) -> EvalResult:
+        """Perplexity of ``model``; with ``reference`` (a callable ``(batch_key, input_ids) ->
+        log-probs [batch, seq_len - 1, vocab]`` of the unquantized model on the same batch), also
+        the mean per-token KL divergence of the model's next-token distribution from it and the
+        share of positions where both pick the same top token."""
         settings = prepared.settings
         context = getattr(model.config, "max_position_embeddings", None) or settings["seq_len"]
         seq_len = min(settings["seq_len"], context)
@@ -74,7 +82,7 @@ class TokenPerplexity:
             raise DataError(f"{len(prepared.ids)} tokens, fewer than one window of {seq_len}")
         device = next(model.parameters()).device
         stream = torch.tensor(prepared.ids, dtype=torch.long)
-        window_nll, window_tokens = [], []
+        window_nll, window_tokens, window_kl, window_same = [], [], [], []
         for first in range(0, len(spans), prepared.batch_size):
             batch = spans[first:first + prepared.batch_size]
             input_ids = torch.stack([stream[s:e] for s, e, _ in batch]).to(device)
@@ -82,10 +90,18 @@ class TokenPerplexity:
                 logits = model(input_ids).logits.float()
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
             token_nll = -logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            if reference is not None:
+                base = reference((seq_len, stride, first, len(batch)), input_ids).to(logprobs.device)
+                # KL(base || model) per position: sum_v p_base (log p_base - log p_model)
+                token_kl = (base.exp() * (base - logprobs)).sum(-1)
+                token_same = (base.argmax(-1) == logprobs.argmax(-1)).float()
             for row, (_, _, scored_from) in enumerate(batch):
                 scored = token_nll[row, scored_from - 1:]
                 window_nll.append(scored.sum().item())
                 window_tokens.append(scored.numel())
+                if reference is not None:
+                    window_kl.append(token_kl[row, scored_from - 1:].mean().item())
+                    window_same.append(token_same[row, scored_from - 1:].mean().item())
         tokens = sum(window_tokens)
         mean_nll = sum(window_nll) / tokens
         per_window = [nll / n for nll, n in zip(window_nll, window_tokens)]
@@ -96,13 +112,28 @@ class TokenPerplexity:
                       f"no special tokens; stderr by the delta method over per-window mean NLL")
         primary = Metric("token_perplexity", ppl, ppl * spread if spread is not None else None,
                          len(spans), definition)
-        return EvalResult(primary=primary, metrics=[
+        metrics = [
             primary,
             Metric("token_nll", mean_nll, spread, len(spans),
                    f"mean NLL per scored token in nats; windows of {seq_len}, stride {stride}"),
             Metric("tokens_scored", float(tokens), None, len(spans),
                    f"tokens scored across {len(spans)} windows of {seq_len}, stride {stride}"),
-        ], examples=[Example(f"w{i}", "window_nll", v) for i, v in enumerate(per_window)])
+        ]
+        examples = [Example(f"w{i}", "window_nll", v) for i, v in enumerate(per_window)]
+        if reference is not None:
+            weights = [n / tokens for n in window_tokens]
+            kl = sum(w * v for w, v in zip(weights, window_kl))
+            same = sum(w * v for w, v in zip(weights, window_same))
+            metrics += [
+                Metric("kl_divergence", kl, _stderr(window_kl), len(spans),
+                       "mean per-token KL(baseline || model) of the next-token distribution in nats, "
+                       f"over the scored tokens of the same {len(spans)} windows of {seq_len} "
+                       "(llama.cpp's KLD); stderr over per-window means"),
+                Metric("top1_agreement", same, _stderr(window_same), len(spans),
+                       "share of scored positions where model and baseline rank the same next token first"),
+            ]
+            examples += [Example(f"w{i}", "window_kl", v) for i, v in enumerate(window_kl)]
+        return EvalResult(primary=primary, metrics=metrics, examples=examples)
 
 
 def _stderr(values: list[float]) -> float | None:

@@ -29,6 +29,8 @@ class WikiTextData:
 
 
 class WikiText:
+    takes_reference = True  # passed on to the token perplexity (KL divergence)
+
     def prepare(self, dataset: Any, tokenizer: Any, seed: int = 0) -> WikiTextData:
         tokens = TokenPerplexity().prepare(dataset, tokenizer, seed)
         words = prepare_task("wikitext", replace(dataset, limit=dataset.settings["word_limit"]),
@@ -36,8 +38,9 @@ class WikiText:
         words.batch_size = 1
         return WikiTextData(tokens, words, tokens.batch_size)
 
-    def evaluate(self, model: Any, tokenizer: Any, prepared: WikiTextData) -> EvalResult:
-        token = TokenPerplexity().evaluate(model, tokenizer, replace(prepared.tokens, batch_size=prepared.batch_size))
+    def evaluate(self, model: Any, tokenizer: Any, prepared: WikiTextData, reference: Any = None) -> EvalResult:
+        token = TokenPerplexity().evaluate(model, tokenizer, replace(prepared.tokens, batch_size=prepared.batch_size),
+                                           reference)
         word_metrics, word_examples = word_perplexity(prepared.words, model, tokenizer)
         return EvalResult(primary=token.primary, metrics=token.metrics + word_metrics,
                           examples=token.examples + word_examples,
