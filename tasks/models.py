@@ -86,21 +86,36 @@ def load_model(path: str, dtype: str, device: str, trust_remote_code: bool = Fal
     return model, tokenizer
 
 
+def tensor_key(tensor: Any) -> int:
+    """What de-duplicates tied tensors: the storage address, or for a wrapper tensor subclass
+    without storage of its own (torchao's ``Int8Tensor``: ``data_ptr() == 0``) the object."""
+    return tensor.data_ptr() or id(tensor)
+
+
+def tensor_bytes(tensor: Any) -> int:
+    """Bytes a tensor holds; a wrapper subclass holds its inner tensors (torchao's int8 codes,
+    scales and zero points), not ``numel`` elements of its outer dtype."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def model_bytes(model: Any) -> int:
     """Bytes of parameters and buffers as held in memory (tied tensors counted once)."""
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.data_ptr() in seen:
+        if tensor_key(tensor) in seen:
             continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
+        seen.add(tensor_key(tensor))
+        total += tensor_bytes(tensor)
     return total
 
 
 def count_params(model: Any) -> int:
     seen, total = set(), 0
     for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        if tensor_key(p) not in seen:
+            seen.add(tensor_key(p))
             total += p.numel()
     return total

@@ -19,21 +19,22 @@ class WeightSize:
 
 def weight_size(model: Any, report: QuantReport) -> WeightSize:
     """Bytes of all weights: quantized layers counted as codes + scales + zeros, the rest at
-    their dtype (tied tensors once)."""
-    import torch
+    their dtype (tied tensors once). Every parameter but the bias of a quantized layer's module is
+    counted by the arithmetic, whatever the module calls it (``weight``, HQQ's ``W_q``)."""
+    from tasks.models import tensor_bytes, tensor_key
 
     quantized = {layer.name: layer for layer in report.quantized_layers}
     modules = dict(model.named_modules())
-    quantized_ptrs = {modules[name].weight.data_ptr() for name in quantized
-                      if isinstance(getattr(modules.get(name), "weight", None), torch.Tensor)}
+    quantized_keys = {tensor_key(p) for name in quantized if name in modules
+                      for pname, p in modules[name].named_parameters() if pname != "bias"}
     seen, dense_bytes, total = set(), 0, 0
     for p in model.parameters():
-        if p.data_ptr() in seen:
+        if tensor_key(p) in seen:
             continue
-        seen.add(p.data_ptr())
+        seen.add(tensor_key(p))
         total += p.numel()
-        if p.data_ptr() not in quantized_ptrs:
-            dense_bytes += p.numel() * p.element_size()
+        if tensor_key(p) not in quantized_keys:
+            dense_bytes += tensor_bytes(p)
     packed_bits = sum(layer.stored_bits() for layer in quantized.values())
     return WeightSize(
         weight_bytes=dense_bytes + (packed_bits + 7) // 8,
@@ -46,11 +47,13 @@ def weight_size(model: Any, report: QuantReport) -> WeightSize:
 
 def dense_weight_bytes(model: Any) -> int:
     """Bytes of a dense model's parameters (tied tensors once): the baseline of compression."""
+    from tasks.models import tensor_bytes, tensor_key
+
     seen, total = set(), 0
     for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+        if tensor_key(p) not in seen:
+            seen.add(tensor_key(p))
+            total += tensor_bytes(p)
     return total
 
 

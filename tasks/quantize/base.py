@@ -27,8 +27,10 @@ class LayerReport:
     reason: str | None = None  # why a layer stayed in high precision
     scale_alpha: float | None = None  # group scaling: exponent of the input-channel scales chosen
     override: str | None = None  # the override pattern that set this layer's bits / group size
+    scale_bits: int = 16  # bits per stored scale (32 for bitsandbytes' fp32 absmax, torchao's fp32 scales)
 
-    def stored_bits(self, scale_bits: int = 16) -> int:
+    def stored_bits(self, scale_bits: int | None = None) -> int:
+        scale_bits = self.scale_bits if scale_bits is None else scale_bits
         return self.codes * (self.bits or 0) + self.scales * scale_bits + self.zeros * self.zero_bits
 
 
