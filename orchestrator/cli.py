@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -50,7 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU actors when there is no GPU (default: the spec's cpu_actors, 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="show actor logs")
+    p.add_argument("--artifact-cache", metavar="DIR", default=None,
+                   help="keep quantized models in DIR by quantization-group hash and reuse them "
+                        "(adding a dataset to a finished study does not quantize again); off by default")
+    p.add_argument("--artifact-cache-gb", type=_float, default=None, metavar="GB",
+                   help="size cap of the artifact cache; least recently used entries go first (default 20)")
     _max_cells(p)
+
+    p = sub.add_parser("export", help="write a cell's quantized model as a checkpoint transformers loads",
+                       description="Quantize CELL_ID's configuration again (or take it from the artifact "
+                       "cache) and write it to OUT: the method's packed checkpoint (GPTQ, AWQ, "
+                       "compressed-tensors, ...) when it saves one, else the dequantized weights; "
+                       "with the tokenizer and qsweep_export.json. CELL_ID may be a unique prefix.")
+    p.add_argument("cell_id", help="cell id (or a unique prefix) from the results")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--results", default="results", help="results directory (default: ./results)")
+    p.add_argument("--artifact-cache", metavar="DIR", default=None,
+                   help="artifact cache the sweep ran with, to export without quantizing again")
 
     p = sub.add_parser("status", help="done / failed / skipped / missing per axis",
                        description="Count, for each axis value of SPEC, the cells that are done "
@@ -218,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, max_cells=args.max_cells)
     store = Store(args.results)
+    _artifact_cache_env(args)
     try:
         result = run_sweep(spec, store, gpus=args.gpus, cpu_actors=args.cpu_actors,
                            progress=not args.no_progress, verbose=args.verbose)
@@ -230,6 +248,48 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"({', '.join(f'{k}: {v}' for k, v in sorted(result.statuses.items())) or 'none'})")
     print(summary_table(args.results, spec.name))
     print(f"results: {store.cells_dir(spec.name)}")
+    return EXIT_OK
+
+
+def _artifact_cache_env(args: argparse.Namespace) -> None:
+    """The artifact cache reaches actors through the environment the driver forwards."""
+    if args.artifact_cache:
+        os.environ["QSWEEP_ARTIFACT_CACHE"] = str(Path(args.artifact_cache).expanduser().resolve())
+    if getattr(args, "artifact_cache_gb", None) is not None:
+        os.environ["QSWEEP_ARTIFACT_CACHE_GB"] = str(args.artifact_cache_gb)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tasks.export import ExportError, export_cell
+
+    store = Store(args.results)
+    if not store.files():
+        print(f"qsweep export: no results in {store.root}; run a sweep first or pass --results", file=sys.stderr)
+        return EXIT_USAGE
+    rows = [r for r in store.read().to_pylist() if r["cell_id"].startswith(args.cell_id)]
+    if not rows:
+        print(f"qsweep export: no cell {args.cell_id!r} in {store.root}; "
+              "`qsweep query \"select cell_id, method, bits, group_size from cells\"` lists them", file=sys.stderr)
+        return EXIT_USAGE
+    if len({r["cell_id"] for r in rows}) > 1:
+        shown = ", ".join(sorted({r["cell_id"][:16] for r in rows})[:5])
+        print(f"qsweep export: {args.cell_id!r} matches {len({r['cell_id'] for r in rows})} cells ({shown}, ...); "
+              "give more of the id", file=sys.stderr)
+        return EXIT_USAGE
+    row = rows[0]
+    if row["status"] != "ok":
+        print(f"qsweep export: cell {row['cell_id'][:16]} has status {row['status']}: "
+              f"{row['error_message'] or ''}; nothing to export", file=sys.stderr)
+        return EXIT_USAGE
+    _artifact_cache_env(args)
+    try:
+        manifest = export_cell(row, Path(args.out))
+    except ExportError as exc:
+        print(f"qsweep export: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(f"exported {manifest['method']} w{manifest['bits']} g{manifest['group_size']} "
+          f"({manifest['format']}) to {args.out}: {size / 1e6:.1f} MB")
     return EXIT_OK
 
 
@@ -398,7 +458,7 @@ def _label(cell) -> str:
     return f"{cell.model.name}/{cell.method}[{_params(cell)}]/b{cell.bits}/g{cell.group_size}/{cell.dataset.name}"
 
 
-COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "compact": cmd_compact,
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "export": cmd_export, "status": cmd_status, "compact": cmd_compact,
             "query": cmd_query, "recommend": cmd_recommend, "report": cmd_report}
 
 if __name__ == "__main__":

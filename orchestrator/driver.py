@@ -27,7 +27,8 @@ from orchestrator.store import Store
 log = logging.getLogger(__name__)
 
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "QSWEEP_CACHE",
-                 "TRANSFORMERS_OFFLINE")
+                 "TRANSFORMERS_OFFLINE", "QSWEEP_ARTIFACT_CACHE", "QSWEEP_ARTIFACT_CACHE_GB",
+                 "QSWEEP_SCRATCH", "QSWEEP_REFERENCE_CACHE_MB")
 DONE_STATUSES = ("ok",)
 
 

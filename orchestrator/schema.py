@@ -190,7 +190,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("model_loads", _I, "model loads this actor had done when the cell finished"),
     ("versions", _S, "library versions as JSON (python, torch, transformers, qsweep, ...)"),
     ("time_load_s", _F, "wall seconds to get the base model (load or copy from the actor's cache); shared by the group"),
-    ("time_quantize_s", _F, "wall seconds to quantize; shared by the cells of the group"),
+    ("time_quantize_s", _F, "wall seconds to copy the base model and quantize it; shared by the cells of "
+     "the group; 0 when the quantized model came from the artifact cache"),
+    ("artifact_cache_hit", _B, "true: the quantized model came from the artifact cache (qsweep run "
+     "--artifact-cache); false: quantized and stored there; null: no cache"),
     ("time_evaluate_s", _F, "wall seconds of this cell's evaluation (data preparation included)"),
     ("time_profile_s", _F, "wall seconds of this cell's profile: size accounting (once per group, the "
      "same in each of its cells) plus this cell's latency, throughput and memory runs"),

@@ -26,6 +26,7 @@ import torch
 
 from orchestrator.cells import Group
 from orchestrator.schema import LAYER
+from tasks.artifacts import ArtifactCache
 from tasks.calibration import Calibration, activation_stats, calibration_overlap, load_calibration
 from tasks.errors import NonFiniteError, classify, redact, short_traceback
 from tasks.evaluate.reference import BaselineLogprobs
@@ -58,6 +59,7 @@ class WorkerState:
     _model: Any = None
     _tokenizer: Any = None
     baseline_bytes: int | None = None  # the base model's dense weight bytes
+    artifacts: ArtifactCache | None = field(default_factory=ArtifactCache.from_env)
 
     def __post_init__(self) -> None:
         if self.threads:
@@ -167,29 +169,34 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
                                      "attempts": 1, "model_loads": state.model_loads, "finished_at": _now()}
         if not prepared:
             return
-        calib = None
-        if info.needs_calibration:
-            stage = "calibrate"
-            with Timer(state.device) as calib_time:
-                calib = state.calibration(head.calibration)
-            common |= {"calibration_tokens": calib.data.tokens, "calibration_hash": calib.data.token_hash}
-            log.info("group %s: calibration %d tokens (%s) in %.1f s", group.group_id, calib.data.tokens,
-                     calib.data.token_hash[:12], calib_time.seconds)
-        with Timer(state.device) as copy_time:
-            model = copy.deepcopy(base) if info.in_place else base
-        stage = "quantize"
-        workdir = Path(tempfile.mkdtemp(prefix=f"qsweep-{group.group_id[:12]}-", dir=scratch_dir()))
-        ctx = QuantContext(model_path=resolve_model_path(head.model.path), workdir=workdir,
-                           device=state.device, threads=torch.get_num_threads(), seed=head.seed)
-        with Timer(state.device) as quant_time:
-            config = info.config(**head.params)
-            report = info.load()().quantize(model, calib, config, head.bits, head.group_size, ctx)
-            if report.model is not None:  # an engine built a new (e.g. packed) model
-                model = report.model
-                report.model = None
-            _check_finite(model)
-        if report.engine:
-            common["engine"] = report.engine
+        calib, calib_ids = None, None
+        caching = state.artifacts is not None and info.in_place  # the baseline is never cached
+        cached = state.artifacts.get(group.group_id) if caching else None
+        if cached is not None:  # quantized by an earlier run: no calibration, no quantization
+            model, report, quant_seconds = cached.model, cached.report, 0.0
+            common |= cached.columns | {"artifact_cache_hit": True}
+            if info.needs_calibration:  # tokens only, for the overlap check
+                calib_ids = load_calibration(head.calibration, tokenizer).input_ids
+            log.info("group %s: quantized model from the artifact cache", group.group_id)
+        else:
+            columns: dict[str, Any] = {}
+            if info.needs_calibration:
+                stage = "calibrate"
+                with Timer(state.device) as calib_time:
+                    calib = state.calibration(head.calibration)
+                calib_ids = calib.data.input_ids
+                columns |= {"calibration_tokens": calib.data.tokens, "calibration_hash": calib.data.token_hash}
+                log.info("group %s: calibration %d tokens (%s) in %.1f s", group.group_id, calib.data.tokens,
+                         calib.data.token_hash[:12], calib_time.seconds)
+            stage = "quantize"
+            workdir = Path(tempfile.mkdtemp(prefix=f"qsweep-{group.group_id[:12]}-", dir=scratch_dir()))
+            model, report, quant_seconds = quantize(head, state, base, calib, workdir)
+            if report.engine:
+                columns["engine"] = report.engine
+            common |= columns
+            if caching:
+                state.artifacts.put(group.group_id, model, report, columns)
+                common["artifact_cache_hit"] = False
     except Exception as exc:  # noqa: BLE001 - failures are rows
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -204,7 +211,7 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
     with Timer(state.device) as profile_time:
         common |= profile_sizes(model, report, state.baseline_bytes)
     common["layers"] = [{key: getattr(layer, key) for key in LAYER_FIELDS} for layer in report.layers]
-    common |= {"time_load_s": load_time.seconds + copy_time.seconds, "time_quantize_s": quant_time.seconds,
+    common |= {"time_load_s": load_time.seconds, "time_quantize_s": quant_seconds,
                "time_profile_s": profile_time.seconds}
     yield None, {"stage": "evaluate"}
 
@@ -237,8 +244,8 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
                 kl = next((m.value for m in result.metrics if m.metric == "kl_divergence"), None)
                 if kl is not None:
                     row["kl_divergence"] = kl
-                if calib is not None:
-                    row["calibration_overlap"] = calibration_overlap(calib.data.input_ids, data)
+                if calib_ids is not None:
+                    row["calibration_overlap"] = calibration_overlap(calib_ids, data)
                 log.info("cell %s: %s=%.4f", cell.cell_id, result.primary.metric, result.primary.value)
                 break
             except Exception as exc:  # noqa: BLE001 - failures are rows
@@ -266,7 +273,26 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
         row |= {"attempts": attempts, "model_loads": state.model_loads, "finished_at": _now()}
         yield cell.cell_id, row
     del model
-    shutil.rmtree(workdir, ignore_errors=True)
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def quantize(head: Any, state: WorkerState, base: Any, calib: Calibration | None,
+             workdir: Path) -> tuple[Any, Any, float]:
+    """The quantized model of a group's head cell, its report and the seconds it took (the copy
+    of the base model included): the one quantization path of sweeps and ``qsweep export``."""
+    info = get_method(head.method)
+    ctx = QuantContext(model_path=resolve_model_path(head.model.path), workdir=workdir,
+                       device=state.device, threads=torch.get_num_threads(), seed=head.seed)
+    with Timer(state.device) as quant_time:
+        model = copy.deepcopy(base) if info.in_place else base
+        config = info.config(**head.params)
+        report = info.load()().quantize(model, calib, config, head.bits, head.group_size, ctx)
+        if report.model is not None:  # an engine built a new (e.g. packed) model
+            model = report.model
+            report.model = None
+        _check_finite(model)
+    return model, report, quant_time.seconds
 
 
 def run_group_rows(group: Group, state: WorkerState, oom_retries: int = 2) -> dict[str, dict[str, Any]]:
@@ -284,6 +310,8 @@ def _free_memory(device: str) -> None:
 
 def _check_finite(model: Any) -> None:
     for name, p in model.named_parameters():
+        if hasattr(p, "__tensor_flatten__"):  # a wrapper subclass (torchao) implements no isfinite
+            p = p.dequantize()
         if not torch.isfinite(p).all():
             raise NonFiniteError(f"non-finite values in {name} after quantization")
 

@@ -1,0 +1,82 @@
+"""qsweep export and the artifact cache, on the tiny Llama."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+PROFILE = {"prompt_len": 4, "gen_len": 2, "batch_sizes": [1], "repeats": 1, "warmup": 0}
+
+
+def _spec(tiny_llama, datasets):
+    from orchestrator.spec import parse_spec
+
+    return parse_spec({
+        "name": "export", "models": [{"name": "tiny", "path": str(tiny_llama)}],
+        "methods": [{"name": "rtn", "sym": False}], "bits": [3], "group_sizes": [32],
+        "datasets": [{"name": name, "task": "perplexity", "path": "builtin:pydoc-topics", "limit": limit,
+                      "seq_len": 32} for name, limit in datasets],
+        "profile": PROFILE})
+
+
+def _run(spec, state, store):
+    from orchestrator.cells import expand, group_cells, identity_columns
+    from tasks.worker import run_group_rows
+
+    rows = []
+    for group in group_cells(expand(spec)):
+        for cell_id, row in run_group_rows(group, state).items():
+            cell = next(c for c in group.cells if c.cell_id == cell_id)
+            rows.append({**identity_columns(cell), **row})
+    store.write_rows(rows)
+    return rows
+
+
+def test_export_reloads_with_the_same_perplexity(tiny_llama, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestrator.cli import main
+    from orchestrator.store import Store
+    from tasks.evaluate.perplexity import TokenPerplexity
+    from tasks.worker import WorkerState
+
+    monkeypatch.delenv("QSWEEP_ARTIFACT_CACHE", raising=False)
+    spec = _spec(tiny_llama, [("pydoc", 2)])
+    (row,) = _run(spec, WorkerState(threads=1), Store(tmp_path / "results"))
+    out = tmp_path / "export"
+    assert main(["export", row["cell_id"][:10], "--out", str(out), "--results", str(tmp_path / "results")]) == 0
+    assert "(dequantized)" in capsys.readouterr().out
+    manifest = json.loads((out / "qsweep_export.json").read_text())
+    assert manifest["cell_id"] == row["cell_id"] and manifest["format"] == "dequantized"
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    data = TokenPerplexity().prepare(spec.datasets[0], tokenizer)
+    reloaded = TokenPerplexity().evaluate(model, tokenizer, data).primary.value
+    assert reloaded == pytest.approx(row["primary_value"], rel=1e-5)
+    # an unknown id and a non-empty folder are usage errors
+    assert main(["export", "zzzz", "--out", str(tmp_path / "x"), "--results", str(tmp_path / "results")]) == 2
+    assert main(["export", row["cell_id"], "--out", str(out), "--results", str(tmp_path / "results")]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_artifact_cache_skips_quantization_for_a_new_dataset(tiny_llama, tmp_path, monkeypatch):
+    from orchestrator.store import Store
+    from tasks.artifacts import ArtifactCache
+    from tasks.worker import WorkerState
+
+    monkeypatch.setenv("QSWEEP_ARTIFACT_CACHE", str(tmp_path / "artifacts"))
+    store = Store(tmp_path / "results")
+    (first,) = _run(_spec(tiny_llama, [("a", 2)]), WorkerState(threads=1), store)
+    assert first["artifact_cache_hit"] is False and first["time_quantize_s"] > 0
+    # a later run (fresh actor) adds a dataset: same quantization group, taken from the cache
+    rows = _run(_spec(tiny_llama, [("a", 2), ("b", 3)]), WorkerState(threads=1), store)
+    by_dataset = {r["dataset"]: r for r in rows}
+    assert all(r["artifact_cache_hit"] is True and r["time_quantize_s"] == 0.0 for r in rows)
+    assert by_dataset["a"]["primary_value"] == first["primary_value"]  # the same quantized weights
+    assert by_dataset["a"]["layers"] == first["layers"]
+    # the cap: an entry alone over the cap is not stored
+    small = ArtifactCache(tmp_path / "tiny-cap", cap_bytes=1000)
+    cached = ArtifactCache(tmp_path / "artifacts", cap_bytes=10**12).get(first["group_id"])
+    small.put("g", cached.model, cached.report, cached.columns)
+    assert small.get("g") is None
