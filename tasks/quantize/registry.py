@@ -335,7 +335,15 @@ METHODS: dict[str, MethodInfo] = {
         config=HQQConfig,
         version="1",
         description="half-quadratic quantization, calibration-free (hqq library)",
-        capabilities=Capabilities(bits=frozenset({1, 2, 3, 4, 8}), packed_format="hqq"),
+        capabilities=Capabilities(
+            bits=frozenset({1, 2, 3, 4, 8}), packed_format="hqq",
+            fallbacks=frozenset({"largest_divisor", "skip_layer", "error"}),
+            note="hqq 0.2.8 HQQLinear, axis 1, torch backend (dequantize per forward). Any group "
+                 "size dividing the width (hqq reshapes to [-1, g]: a non-dividing size would make "
+                 "groups straddling rows, so no ragged/pad). Packs 8/4/2/1 bits in uint8 and 3 bits "
+                 "10 per int32 (3.2 bits per code: size arithmetic counts 3 bits); 5/6 bits are one "
+                 "byte per code, not offered. Scale and zero per group in 16 bits. No checkpoint: "
+                 "transformers 5 cannot load HQQ on CPU."),
     ),
     "int8": MethodInfo(
         name="int8",
@@ -344,7 +352,12 @@ METHODS: dict[str, MethodInfo] = {
         version="1",
         description="int8 weight-only (torchao) or W8A8 with SmoothQuant (llm-compressor)",
         engines={
-            "torchao": Capabilities(bits=frozenset({8}), packed_format="torchao-int8"),
+            "torchao": Capabilities(
+                bits=frozenset({8}), packed_format="torchao-int8",
+                fallbacks=frozenset({"largest_divisor", "skip_layer", "error"}),
+                note="torchao 0.18 Int8WeightOnlyConfig: PerRow (-1) or PerGroup(g), g must divide "
+                     "the width (torchao asserts); int8 codes, fp32 scale and int8 zero point (0) "
+                     "per row/group; no checkpoint"),
             "llmcompressor": Capabilities(bits=frozenset({8}), packed_format="compressed-tensors"),
         },
     ),
@@ -355,7 +368,12 @@ METHODS: dict[str, MethodInfo] = {
         version="1",
         description="FP8 E4M3 weights (torchao or llm-compressor)",
         engines={
-            "torchao": Capabilities(bits=frozenset({8}), packed_format="torchao-fp8"),
+            "torchao": Capabilities(
+                bits=frozenset({8}), packed_format="torchao-fp8",
+                fallbacks=frozenset({"largest_divisor", "skip_layer", "error"}),
+                note="torchao 0.18 Float8WeightOnlyConfig (E4M3): runs on CPU by dequantizing per "
+                     "forward; PerRow (-1) or PerGroup(g), g dividing the width; fp32 scale per "
+                     "row/group; no checkpoint"),
             "llmcompressor": Capabilities(bits=frozenset({8}), packed_format="compressed-tensors"),
         },
     ),
@@ -365,7 +383,13 @@ METHODS: dict[str, MethodInfo] = {
         config=NF4Config,
         version="1",
         description="4-bit NormalFloat, bitsandbytes",
-        capabilities=Capabilities(bits=frozenset({4}), packed_format="bnb-nf4"),
+        capabilities=Capabilities(
+            bits=frozenset({4}), packed_format="bnb-nf4",
+            group_sizes=frozenset({32, 64, 128, 256, 512, 1024, 2048, 4096}), per_channel=False,
+            fallbacks=frozenset({"skip_layer", "error"}),
+            note="bitsandbytes 0.50.2 quantize_4bit block sizes; blocks run over the flattened "
+                 "weight, so a block size must divide the width (else keep the layer); fp32 absmax "
+                 "per block (uint8 with double_quant); checkpoint saved before any forward"),
     ),
 }
 
