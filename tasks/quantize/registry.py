@@ -311,7 +311,14 @@ METHODS: dict[str, MethodInfo] = {
         description="GPTQ via GPTQModel or llm-compressor (packed checkpoint)",
         needs_calibration=True,
         engines={
-            "gptqmodel": Capabilities(bits=frozenset({2, 3, 4, 8}), packed_format="gptq"),
+            "gptqmodel": Capabilities(
+                bits=frozenset({2, 3, 4, 8}), group_sizes=frozenset({16, 32, 64, 128, 256, 512, 1024}),
+                fallbacks=frozenset({"ragged", "skip_layer", "error"}), packed_format="gptq",
+                note="GPTQModel 7.6 GPTQ, reloaded with the gptq_torch kernel (TorchLinear: group sizes "
+                     "-1/16..1024, fp16/bf16 only). Ragged is native (g_idx = column // group size; 576 at "
+                     "128 stores 5 scale rows). largest_divisor's sizes (48, 96) are not kernel group "
+                     "sizes; pad would change the packed width. 3-bit packs zeros 32 output columns at a "
+                     "time: every quantized layer's out_features must be a multiple of 32. 5-7 bits untried."),
             "llmcompressor": Capabilities(bits=frozenset({4, 8}), packed_format="compressed-tensors",
                                           fallbacks=frozenset({"skip_layer", "error"})),
         },
@@ -324,7 +331,13 @@ METHODS: dict[str, MethodInfo] = {
         description="AWQ via GPTQModel or llm-compressor",
         needs_calibration=True,
         engines={
-            "gptqmodel": Capabilities(bits=frozenset({4}), packed_format="awq"),
+            "gptqmodel": Capabilities(
+                bits=frozenset({4}), group_sizes=frozenset({16, 32, 64, 128}), per_channel=False,
+                fallbacks=frozenset({"skip_layer", "error"}), packed_format="awq",
+                note="GPTQModel 7.6 AWQ (GEMM format), packed with and reloaded on the awq_torch kernel "
+                     "(AWQ_GEMM needs CUDA). AWQ asserts in_features % group_size == 0 (no ragged, no "
+                     "pad; largest_divisor's sizes are not kernel group sizes) and its clip search needs "
+                     "out_features % 64 == 0. See tasks/quantize/engines/gptqmodel.py for 3-bit."),
             "llmcompressor": Capabilities(bits=frozenset({4, 8}), packed_format="compressed-tensors",
                                           fallbacks=frozenset({"skip_layer", "error"})),
         },

@@ -1,0 +1,177 @@
+"""GPTQ and AWQ through GPTQModel: quantize from the base model's folder, save a packed
+checkpoint in the group's scratch folder, reload it with GPTQModel's torch kernel and evaluate
+that packed model.
+
+```yaml
+methods:
+  - {name: gptq, engine: gptqmodel, sym: true, damping: 0.01, act_order: false}
+  - {name: awq, engine: gptqmodel, sym: false}
+bits: [4]
+group_sizes: [32, 64, 128]
+calibration: {dataset: pydoc-topics, samples: 32, seq_len: 256}
+```
+
+The layer plan (``tasks.quantize.layers``) maps onto GPTQModel's per-module ``dynamic``
+overrides (exact-name regexes): a layer kept in dtype gets ``-:^name$``; a layer whose bits or
+group size differ from the cell's (an override, or ``largest_divisor``'s divisor) gets
+``+:^name$: {bits, group_size}``. GPTQ's ``g_idx = column // group_size`` gives a ragged last
+group natively (576 at 128: scales have ``ceil(576/128) = 5`` rows, ``4x128+64``); GPTQModel
+cannot pad a layer (the packed width is the layer's width), so ``pad`` is not offered.
+
+Sizes: a GPTQ checkpoint stores per layer ``qweight`` (codes, packed in int32), ``scales``
+(fp16, one per group and output), ``qzeros`` (``bits`` per group and output, also for
+symmetric layers, where it holds the constant midpoint) and ``g_idx`` (one int32 per input
+column). ``g_idx`` is counted as two fp16 scale equivalents per input column, so the packed
+arithmetic matches the checkpoint's bytes. AWQ (GEMM) stores ``qweight``, ``qzeros`` and
+``scales`` (no ``g_idx``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.quantize.base import LayerReport, QuantContext, QuantReport
+from tasks.quantize.layers import LayerPlan, is_head, plan_layers
+from tasks.quantize.registry import AWQConfig, GPTQConfig
+from tasks.quantize.rtn import kept_report, quantized_report, relative_error
+
+log = logging.getLogger(__name__)
+VERSION = "7.6.0"
+GPTQ_BACKEND = "gptq_torch"
+AWQ_BACKEND = "awq_torch"
+
+
+def gptq(model: Any, calib: Any, cfg: GPTQConfig, bits: int | None, group_size: int | None,
+         ctx: QuantContext) -> QuantReport:
+    """GPTQ with GPTQModel; packed ``gptq`` checkpoint, evaluated with the ``gptq_torch`` kernel."""
+    from gptqmodel import QuantizeConfig
+
+    assert bits is not None and group_size is not None
+    plans = plan_layers(model, bits, group_size, cfg)
+    quant_config = QuantizeConfig(bits=bits, group_size=group_size, sym=cfg.sym, desc_act=cfg.act_order,
+                                  damp_percent=cfg.damping, true_sequential=cfg.true_sequential,
+                                  dynamic=dynamic_overrides(plans, bits, group_size) or None)
+    return _quantize(model, calib, plans, quant_config, "gptq", GPTQ_BACKEND, ctx)
+
+
+def awq(model: Any, calib: Any, cfg: AWQConfig, bits: int | None, group_size: int | None,
+        ctx: QuantContext) -> QuantReport:
+    """AWQ with GPTQModel; packed ``awq`` (GEMM layout) checkpoint, ``awq_torch`` kernel."""
+    from gptqmodel import QuantizeConfig
+
+    assert bits is not None and group_size is not None
+    plans = plan_layers(model, bits, group_size, cfg)
+    quant_config = QuantizeConfig(bits=bits, group_size=group_size, sym=cfg.sym, method="awq",
+                                  format="gemm", dynamic=dynamic_overrides(plans, bits, group_size) or None)
+    return _quantize(model, calib, plans, quant_config, "awq", AWQ_BACKEND, ctx)
+
+
+def dynamic_overrides(plans: list[LayerPlan], bits: int, group_size: int) -> dict[str, dict[str, int]]:
+    """GPTQModel ``dynamic`` entries that make it follow the layer plan (exact-name regexes)."""
+    dynamic: dict[str, dict[str, int]] = {}
+    for plan in plans:
+        if plan.bits == 3 and plan.out_features % 32:
+            raise ValueError(f"{plan.name}: 3-bit GPTQ/AWQ packing stores 32 output columns per 3 int32 "
+                             f"words; out_features={plan.out_features} is not a multiple of 32 (use "
+                             "2/4/8 bits or keep the layer with an override)")
+        pattern = f"^{re.escape(plan.name)}$"
+        if is_head(plan.name):
+            if plan.quantized:
+                raise ValueError(f"override '{plan.override}' quantizes the output head {plan.name}; "
+                                 "the gptqmodel engine keeps the head in dtype (remove the override)")
+            continue  # GPTQModel leaves the head alone (lm_head=False)
+        if not plan.quantized:
+            dynamic[f"-:{pattern}"] = {}
+        elif plan.bits != bits or plan.effective_group_size != group_size:
+            dynamic[f"+:{pattern}"] = {"bits": plan.bits, "group_size": plan.effective_group_size}
+    return dynamic
+
+
+def calibration_rows(calib: Any) -> list[dict[str, list[int]]]:
+    """GPTQModel's calibration format: one {input_ids, attention_mask} per window."""
+    if calib is None:
+        raise ValueError("gptqmodel engine needs calibration data (set calibration: in the spec)")
+    return [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calib.data.input_ids]
+
+
+def set_cpu_workers(threads: int) -> None:
+    # GPTQModel builds its CPU thread pool once, from this variable, with a 2-worker loader
+    # sub-pool: fewer than 2 workers fails ("requests 2 workers but parent 'cpu' only has 1").
+    os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, threads))
+
+
+def _quantize(model: Any, calib: Any, plans: list[LayerPlan], quant_config: Any, fmt: str, backend: str,
+              ctx: QuantContext) -> QuantReport:
+    set_cpu_workers(ctx.threads)
+    from gptqmodel import BACKEND, GPTQModel
+
+    dtype = eval_dtype(next(model.parameters()).dtype)  # the checkpoint holds what is evaluated
+    quantizer = GPTQModel.load(ctx.model_path, quant_config, device=ctx.device, dtype=dtype)
+    # the backend also picks the packer: AWQ's default (AWQ_GEMM) needs CUDA
+    quantizer.quantize(calibration_rows(calib), batch_size=1, backend=BACKEND(backend))
+    checkpoint = Path(ctx.workdir) / f"{fmt}-checkpoint"
+    quantizer.save(str(checkpoint))
+    del quantizer
+    packed = load_packed(checkpoint, backend, ctx.device, dtype)
+    layers = layer_reports(plans, packed, fmt)
+    return QuantReport(
+        weight_format=fmt, kernel=backend, layers=layers, model=packed,
+        fallback=next((layer.fallback for layer in layers if layer.fallback), None),
+        checkpoint_dir=str(checkpoint), checkpoint_format=fmt,
+        checkpoint_bytes=sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")),
+        engine=f"gptqmodel {VERSION}",
+        extra={"quantize_config": json.loads((checkpoint / "quantize_config.json").read_text()),
+               "compute_dtype": str(dtype).removeprefix("torch.")})
+
+
+def eval_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The packed model's dtype: GPTQModel's torch kernels compute in float16 or bfloat16 only
+    ("TorchLinear only supports [float16, bfloat16]"); a float32 model is evaluated in bfloat16."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def load_packed(checkpoint: Path, backend: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """The saved checkpoint reloaded with GPTQModel's kernel ``backend``: the HF model inside
+    GPTQModel's wrapper, its linear layers packed modules."""
+    from gptqmodel import BACKEND, GPTQModel
+
+    wrapper = GPTQModel.load(str(checkpoint), backend=BACKEND(backend), device=device,
+                             **({"dtype": dtype} if dtype is not None else {}))
+    return wrapper.model.eval()
+
+
+def layer_reports(plans: list[LayerPlan], packed: Any, fmt: str) -> list[LayerReport]:
+    """One report per planned layer, sizes from the packed module's own tensors."""
+    modules = dict(packed.named_modules())
+    reports = []
+    for plan in plans:
+        module = modules.get(plan.name)
+        if not plan.quantized or isinstance(module, torch.nn.Linear):
+            reports.append(kept_report(plan))
+            continue
+        scales = module.scales.numel()
+        if getattr(module, "g_idx", None) is not None and fmt == "gptq":
+            scales += 2 * module.g_idx.numel()  # int32 column -> group index = two fp16 equivalents
+        zeros = module.qzeros.numel() * 32 // plan.bits if plan.bits else 0
+        with torch.no_grad():
+            deq = dequantized_weight(module)
+        reports.append(quantized_report(plan, scales, zeros, plan.bits,
+                                        relative_error(deq, plan.module.weight)))
+    return reports
+
+
+def dequantized_weight(module: Any) -> torch.Tensor:
+    """[out, in] float32 weight a packed GPTQModel module computes with, unpacked by the
+    kernel's own dequantization."""
+    if hasattr(module, "dequantize_weight"):  # GPTQ torch kernel: [in, out]
+        return module.dequantize_weight().T.float()
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+    return dequantize_gemm(module.qweight, module.qzeros, module.scales, module.bits, module.group_size).T.float()
