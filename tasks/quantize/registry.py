@@ -319,8 +319,14 @@ METHODS: dict[str, MethodInfo] = {
                      "128 stores 5 scale rows). largest_divisor's sizes (48, 96) are not kernel group "
                      "sizes; pad would change the packed width. 3-bit packs zeros 32 output columns at a "
                      "time: every quantized layer's out_features must be a multiple of 32. 5-7 bits untried."),
-            "llmcompressor": Capabilities(bits=frozenset({4, 8}), packed_format="compressed-tensors",
-                                          fallbacks=frozenset({"skip_layer", "error"})),
+            "llmcompressor": Capabilities(
+                bits=frozenset(range(2, 9)), per_channel=True,
+                fallbacks=frozenset({"largest_divisor", "skip_layer", "error"}),
+                note="compressed-tensors pack-quantized packs 1-8-bit ints (2-8 measured on the tiny "
+                     "Llama); any group size dividing a layer's width, or -1; widths it does not divide "
+                     "are refused (quantizer, packing, forward), so no ragged or pad; largest_divisor = "
+                     "a per-layer config group, skip_layer = layer not targeted; scales in the model "
+                     "dtype; evaluated as the checkpoint reloaded dequantized"),
         },
     ),
     "awq": MethodInfo(
@@ -338,8 +344,14 @@ METHODS: dict[str, MethodInfo] = {
                      "(AWQ_GEMM needs CUDA). AWQ asserts in_features % group_size == 0 (no ragged, no "
                      "pad; largest_divisor's sizes are not kernel group sizes) and its clip search needs "
                      "out_features % 64 == 0. See tasks/quantize/engines/gptqmodel.py for 3-bit."),
-            "llmcompressor": Capabilities(bits=frozenset({4, 8}), packed_format="compressed-tensors",
-                                          fallbacks=frozenset({"skip_layer", "error"})),
+            "llmcompressor": Capabilities(
+                bits=frozenset(range(2, 9)), per_channel=True,
+                fallbacks=frozenset({"largest_divisor", "skip_layer", "error"}),
+                note="compressed-tensors pack-quantized packs 1-8-bit ints (2-8 measured on the tiny "
+                     "Llama); any group size dividing a layer's width, or -1; widths it does not divide "
+                     "are refused (quantizer, packing, forward), so no ragged or pad; largest_divisor = "
+                     "a per-layer config group, skip_layer = layer not targeted; scales in the model "
+                     "dtype; evaluated as the checkpoint reloaded dequantized"),
         },
     ),
     "hqq": MethodInfo(
@@ -371,7 +383,11 @@ METHODS: dict[str, MethodInfo] = {
                 note="torchao 0.18 Int8WeightOnlyConfig: PerRow (-1) or PerGroup(g), g must divide "
                      "the width (torchao asserts); int8 codes, fp32 scale and int8 zero point (0) "
                      "per row/group; no checkpoint"),
-            "llmcompressor": Capabilities(bits=frozenset({8}), packed_format="compressed-tensors"),
+            "llmcompressor": Capabilities(
+                bits=frozenset({8}), group_sizes=frozenset(),
+                note="W8A8: SmoothQuant, then int8 weights with one scale per output channel (group_size "
+                     "-1 only) and dynamic per-token int8 activations; overrides may only keep layers; "
+                     "int-quantized checkpoint evaluated reloaded dequantized (activations QDQ)"),
         },
     ),
     "fp8": MethodInfo(
@@ -379,7 +395,7 @@ METHODS: dict[str, MethodInfo] = {
         target="tasks.quantize.engines:FP8",
         config=FP8Config,
         version="1",
-        description="FP8 E4M3 weights (torchao or llm-compressor)",
+        description="FP8 E4M3 weights (torchao, or llm-compressor: weight-only, activations unquantized)",
         engines={
             "torchao": Capabilities(
                 bits=frozenset({8}), packed_format="torchao-fp8",
@@ -387,7 +403,11 @@ METHODS: dict[str, MethodInfo] = {
                 note="torchao 0.18 Float8WeightOnlyConfig (E4M3): runs on CPU by dequantizing per "
                      "forward; PerRow (-1) or PerGroup(g), g dividing the width; fp32 scale per "
                      "row/group; no checkpoint"),
-            "llmcompressor": Capabilities(bits=frozenset({8}), packed_format="compressed-tensors"),
+            "llmcompressor": Capabilities(
+                bits=frozenset({8}), group_sizes=frozenset(),
+                note="weight-only FP8 E4M3 with one scale per output channel (group_size -1 only; "
+                     "activations not quantized); overrides may only keep layers; naive-quantized "
+                     "checkpoint evaluated reloaded dequantized"),
         },
     ),
     "nf4": MethodInfo(
