@@ -114,8 +114,8 @@ def expand(spec: Spec) -> list[Cell]:
     cells: list[Cell] = []
     for model, variant in itertools.product(spec.models, spec.methods):
         info = get_method(variant.name)
-        bits_axis = spec.bits if info.uses_bits else (None,)
-        groups_axis = spec.group_sizes if info.uses_group_size else (None,)
+        bits_axis = (variant.bits or spec.bits) if info.uses_bits else (None,)
+        groups_axis = (variant.group_sizes or spec.group_sizes) if info.uses_group_size else (None,)
         calibration = spec.calibration if info.needs_calibration else None
         for bits, group_size, dataset in itertools.product(bits_axis, groups_axis, spec.datasets):
             cell = Cell(sweep=spec.name, model=model, method=variant.name, params=variant.params,
@@ -132,8 +132,8 @@ def count_cells(spec: Spec) -> int:
     total = 0
     for variant in spec.methods:
         info = get_method(variant.name)
-        total += ((len(spec.bits) if info.uses_bits else 1)
-                  * (len(spec.group_sizes) if info.uses_group_size else 1))
+        total += ((len(variant.bits or spec.bits) if info.uses_bits else 1)
+                  * (len(variant.group_sizes or spec.group_sizes) if info.uses_group_size else 1))
     return total * len(spec.models) * len(spec.datasets)
 
 

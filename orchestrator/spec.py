@@ -80,10 +80,13 @@ class ModelEntry:
 
 @dataclass(frozen=True)
 class MethodVariant:
-    """One method with one value per parameter (a list in the spec gives several variants)."""
+    """One method with one value per parameter (a list in the spec gives several variants).
+    ``bits`` / ``group_sizes`` set in the method's entry replace the spec's axes for it."""
 
     name: str
     params: dict[str, Any]
+    bits: tuple[int, ...] | None = None
+    group_sizes: tuple[int, ...] | None = None
 
     @cached_property
     def canonical(self) -> str:
@@ -182,8 +185,9 @@ def parse_spec(raw: Any, source: str = "<spec>", max_cells: int = DEFAULT_MAX_CE
         problems.add("overrides", defaults.pop("overrides"),
                      "a list of {pattern, bits, group_size, keep}, e.g. [{pattern: lm_head, bits: 8}]")
     methods = _parse_methods(raw.get("methods", _MISSING), problems, defaults)
-    uses_bits = any(get_method(m.name).uses_bits for m in methods)
-    uses_groups = any(get_method(m.name).uses_group_size for m in methods)
+    # the spec's axes are needed by methods that take them and do not set their own
+    uses_bits = any(get_method(m.name).uses_bits and m.bits is None for m in methods)
+    uses_groups = any(get_method(m.name).uses_group_size and m.group_sizes is None for m in methods)
     bits = _int_list(raw, "bits", problems, required=uses_bits, check=lambda b: b > 0,
                      allowed="positive integers, e.g. [3, 4, 8]")
     group_sizes = _int_list(raw, "group_sizes", problems, required=uses_groups,
@@ -295,7 +299,18 @@ def _parse_methods(value: Any, problems: _Problems, defaults: dict[str, Any] | N
             problems.add(f"{where}.name", entry["name"], str(exc).strip("\"'"))
             continue
         fields = info.config.model_fields
-        params = {k: v for k, v in entry.items() if k != "name"}
+        params = {k: v for k, v in entry.items() if k not in ("name", "bits", "group_sizes")}
+        axes_override = {}
+        for key, uses in (("bits", info.uses_bits), ("group_sizes", info.uses_group_size)):
+            if key not in entry:
+                continue
+            if not uses:
+                problems.add(f"{where}.{key}", entry[key], f"'{info.name}' takes no {key.replace('_', ' ')}; remove it")
+                continue
+            axes_override[key] = _int_list(entry, key, problems, required=True,
+                                           check=(lambda b: b > 0) if key == "bits" else (lambda g: g > 0 or g == -1),
+                                           allowed="positive integers" + (" or -1" if key != "bits" else ""),
+                                           where=f"{where}.{key}")
         for key, default in (defaults or {}).items():  # top-level group_fallback / overrides
             if key in fields and key not in params:
                 params[key] = default
@@ -322,9 +337,13 @@ def _parse_methods(value: Any, problems: _Problems, defaults: dict[str, Any] | N
             if not normal.get("overrides", True):
                 normal.pop("overrides")  # none: keeps the identity of specs written before overrides
             key = (info.name, canonical_json(normal))
+            key = (*key, tuple(axes_override.get("bits") or ()), tuple(axes_override.get("group_sizes") or ()))
             if key not in seen:  # e.g. zero_point is irrelevant when sym is true
                 seen.add(key)
-                variants.append(MethodVariant(name=info.name, params=normal))
+                variants.append(MethodVariant(name=info.name, params=normal,
+                                              bits=tuple(axes_override["bits"]) if axes_override.get("bits") else None,
+                                              group_sizes=tuple(axes_override["group_sizes"])
+                                              if axes_override.get("group_sizes") else None))
     return variants
 
 
@@ -347,21 +366,23 @@ def _describe_type(annotation: Any) -> str:
         annotation, getattr(annotation, "__name__", str(annotation)))
 
 
-def _int_list(raw: dict, key: str, problems: _Problems, required: bool, check, allowed: str) -> list[int]:
+def _int_list(raw: dict, key: str, problems: _Problems, required: bool, check, allowed: str,
+              where: str | None = None) -> list[int]:
+    where = where or key
     value = raw.get(key, _MISSING)
     if value is _MISSING:
         if required:
-            problems.add(key, _MISSING, f"missing; a method in this spec takes it ({allowed})")
+            problems.add(where, _MISSING, f"missing; a method in this spec takes it ({allowed})")
         return []
     if not isinstance(value, list) or not value:
-        problems.add(key, value, f"must be a non-empty list of {allowed}")
+        problems.add(where, value, f"must be a non-empty list of {allowed}")
         return []
     good = []
     for i, item in enumerate(value):
         if not isinstance(item, int) or isinstance(item, bool) or not check(item):
-            problems.add(f"{key}[{i}]", item, f"allowed: {allowed}")
+            problems.add(f"{where}[{i}]", item, f"allowed: {allowed}")
         elif item in good:
-            problems.add(f"{key}[{i}]", item, "duplicate value")
+            problems.add(f"{where}[{i}]", item, "duplicate value")
         else:
             good.append(item)
     return good
@@ -489,7 +510,8 @@ def _check_exclude_values(spec: Spec, problems: _Problems) -> None:
     """An exclude value that is not on its axis is a typo or a stale rule: say so."""
     axis_values = {
         "model": {m.name for m in spec.models}, "method": {m.name for m in spec.methods},
-        "bits": set(spec.bits), "group_size": set(spec.group_sizes),
+        "bits": set(spec.bits).union(*(m.bits or () for m in spec.methods)),
+        "group_size": set(spec.group_sizes).union(*(m.group_sizes or () for m in spec.methods)),
         "dataset": {d.name for d in spec.datasets},
     }
     for variant in spec.methods:
@@ -520,7 +542,7 @@ def _check_capabilities(spec: Spec, problems: _Problems, max_cells: int) -> None
         problems.add("exclude", _MISSING, "the spec expands to zero cells: the exclude rules "
                      "remove every cell; loosen a rule")
     # An axis value no method of the spec can take is a mistake, not a skip.
-    bit_methods = [m for m in spec.methods if get_method(m.name).uses_bits]
+    bit_methods = [m for m in spec.methods if get_method(m.name).uses_bits and m.bits is None]
     for i, bits in enumerate(spec.bits):
         if bit_methods and not any(bits in get_method(m.name).caps(m.params).bits for m in bit_methods):
             reach = "; ".join(sorted({f"'{m.name}' supports {{{_keys(sorted(get_method(m.name).caps(m.params).bits))}}}"

@@ -133,3 +133,23 @@ def test_cli_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
     assert info.value.code == 2
+
+
+def test_a_method_entry_may_set_its_own_bits_and_group_sizes():
+    from orchestrator.cells import count_cells, expand
+
+    spec = parse_spec(dict(GOOD, bits=[3, 4], group_sizes=[64, 128],
+                           methods=[{"name": "baseline"}, {"name": "rtn"},
+                                    {"name": "rtn", "sym": False, "bits": [8], "group_sizes": [-1]}]))
+    cells = expand(spec)
+    per_channel = [c for c in cells if c.params.get("sym") is False]
+    assert {(c.bits, c.group_size) for c in per_channel} == {(8, -1)}
+    assert {(c.bits, c.group_size) for c in cells if c.params.get("sym") is True} == {(3, 64), (3, 128), (4, 64), (4, 128)}
+    assert count_cells(spec) == len(cells)
+    with pytest.raises(SpecError) as info:
+        parse_spec(dict(GOOD, methods=[{"name": "baseline", "bits": [4]}, {"name": "rtn", "group_sizes": [0]}]))
+    assert "methods[0].bits=[4]: 'baseline' takes no bits; remove it" in str(info.value)
+    assert "methods[1].group_sizes[0]=0: allowed: positive integers or -1" in str(info.value)
+    # top-level axes are not required when every method that takes them sets its own
+    spec = {k: v for k, v in GOOD.items() if k not in ("bits", "group_sizes")}
+    parse_spec(dict(spec, methods=[{"name": "rtn", "bits": [4], "group_sizes": [32]}]))
