@@ -27,6 +27,11 @@ Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_d
   without latency counts as infinitely slow). Columns: model, dataset, metric, cell_id,
   method, method_params, bits, group_size, config, score, weight_bytes, bits_per_weight,
   latency_ms, kernel, speed_claim.
+- ``engine_agreement``: the same cell quantized by two engines (method, bits, group size and
+  parameters equal but ``engine``; a ``group_fallback`` no layer needed is ignored): both primary
+  values, ``delta``, ``delta_stderr`` (paired over the per-example records when both have them,
+  else from the two stderrs), ``p_value`` (paired bootstrap) and ``disagree``: the engines differ
+  beyond their uncertainty (p < 0.05, or |delta| > 1.96 delta_stderr when unpaired).
 - ``table1``: the seed paper's Table 1 shape, one row per baseline (model, dataset, metric):
   baseline_score, best_quantized_score (best primary score among quantized cells with no
   anomaly), best_method (its config), bits, group_size, recovery_pct, p_value,
@@ -167,6 +172,51 @@ DERIVED_VIEWS = {
             where o.model = p.model and o.dataset = p.dataset and o.metric = p.metric
               and o.q >= p.q and o.weight_bytes <= p.weight_bytes and o.lat <= p.lat
               and (o.q > p.q or o.weight_bytes < p.weight_bytes or o.lat < p.lat))
+    """,
+    "engine_agreement": f"""
+        create or replace view engine_agreement as
+        with ok as (
+            select cell_id, model, dataset, method, bits, group_size, primary_metric as metric,
+                   primary_value as value, primary_stderr as stderr, json_extract_string(method_params, '$.engine') as engine,
+                   -- the config without its engine (and without a fallback policy no layer needed)
+                   json_merge_patch(method_params, case when fallback is null
+                       then '{{"engine": null, "group_fallback": null}}' else '{{"engine": null}}' end) as config_key
+            from cells where status = 'ok' and method_params like '%"engine"%'
+        ),
+        pairs as (
+            select a.model, a.dataset, a.method, a.bits, a.group_size, a.metric, a.config_key,
+                   a.engine as engine_a, b.engine as engine_b, a.cell_id as cell_a, b.cell_id as cell_b,
+                   a.value as value_a, b.value as value_b, a.stderr as stderr_a, b.stderr as stderr_b
+            from ok a join ok b on a.model = b.model and a.dataset = b.dataset and a.method = b.method
+                 and a.bits is not distinct from b.bits and a.group_size is not distinct from b.group_size
+                 and a.metric = b.metric and a.config_key = b.config_key and a.engine < b.engine
+        ),
+        paired as (
+            select p.cell_a, p.cell_b, count(*) as n, list(ea.value - eb.value) as diffs,
+                   var_samp(ea.value - eb.value) as var_diff, avg(ea.value) as mean_a, avg(eb.value) as mean_b
+            from pairs p
+            join metric_directions d on d.metric = p.metric
+            join examples ea on ea.cell_id = p.cell_a and ea.metric = d.example_metric
+            join examples eb on eb.cell_id = p.cell_b and eb.metric = d.example_metric and eb.example_id = ea.example_id
+            group by p.cell_a, p.cell_b
+        ),
+        compared as (
+        select p.model, p.dataset, p.method, p.bits, p.group_size, p.metric, p.engine_a, p.engine_b,
+               p.value_a, p.value_b, p.value_a - p.value_b as delta,
+               coalesce(case when t.n > 1 and d.scale = 'exp'
+                             then exp((t.mean_a + t.mean_b) / 2) * sqrt(t.var_diff / t.n)
+                             when t.n > 1 then sqrt(t.var_diff / t.n) end,
+                        sqrt(p.stderr_a ^ 2 + p.stderr_b ^ 2)) as delta_stderr,
+               case when t.n > 1 then 'paired' else 'unpaired' end as stderr_kind,
+               case when t.n > 1 then qsweep_paired_bootstrap_p(t.diffs) end as p_value,
+               p.cell_a, p.cell_b
+        from pairs p
+        join metric_directions d on d.metric = p.metric
+        left join paired t on t.cell_a = p.cell_a and t.cell_b = p.cell_b
+        )
+        select *, coalesce(p_value < {SIGNIFICANCE}, abs(delta) > 1.96 * delta_stderr, false) as disagree
+        from compared
+        order by model, dataset, method, bits, group_size
     """,
     "table1": """
         create or replace view table1 as

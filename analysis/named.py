@@ -16,6 +16,10 @@ NAMED_QUERIES: dict[str, tuple[str, str]] = {
                   ("select model, dataset, metric, config, baseline_value, value, p_value, weight_bytes, "
                   "baseline_weight_bytes, anomaly from baseline_deltas where anomaly is not null "
                   "order by model, dataset, metric")),
+    "engines": ("the same cell quantized by two engines: both values, the difference and whether they "
+                "disagree beyond their uncertainty",
+                ("select model, dataset, method, bits, group_size, metric, engine_a, engine_b, value_a, value_b, "
+                 "delta, delta_stderr, stderr_kind, p_value, disagree from engine_agreement")),
     "failures": ("cells that did not finish ok, with their reason",
                  ("select status, error_class, error_stage, model, method, bits, group_size, dataset, "
                  "error_message from cells where status <> 'ok' order by status, error_class, model")),

@@ -207,3 +207,31 @@ def test_query_named_formats_and_seal(store, tmp_path, capsys):
     for sql in ("select * from read_csv('/etc/hostname')", "install httpfs", "load httpfs",
                 "set enable_external_access = true", "copy cells to '/tmp/x.csv'"):
         assert main(["query", "--results", store, sql]) == 2, sql
+
+
+def test_engine_agreement_flags_engines_that_disagree(tmp_path):
+    rng = random.Random(3)
+    nll = [3.0 + rng.gauss(0, 0.2) for _ in range(16)]
+
+    noise = [rng.gauss(0, 0.01) for _ in nll]
+
+    def engine_cell(cell_id, engine, shift, group_fallback="ragged", fallback=None):
+        # each engine gets the same window noise in another order: differences of mean zero
+        order = noise if engine == "gptqmodel" else noise[::-1]
+        row = cell(cell_id, method="gptq", dataset="ppl", nll=[v + shift + e for v, e in zip(nll, order)])
+        params = {"engine": engine, "group_fallback": group_fallback, "sym": True}
+        return {**row, "method_params": json.dumps(params, sort_keys=True), "fallback": fallback}
+
+    rows = [cell("b", method="baseline", dataset="ppl", nll=nll),
+            engine_cell("a1", "gptqmodel", 0.10), engine_cell("b1", "llmcompressor", 0.10, "largest_divisor"),
+            {**engine_cell("a2", "gptqmodel", 0.10), "bits": 3}, {**engine_cell("b2", "llmcompressor", 0.40), "bits": 3},
+            # a fallback that was applied makes the configs different: not compared
+            {**engine_cell("a3", "gptqmodel", 0.1, fallback="ragged"), "group_size": 128},
+            {**engine_cell("b3", "llmcompressor", 0.1, "largest_divisor", fallback="largest_divisor"), "group_size": 128}]
+    Store(tmp_path).write_rows(rows)
+    con = connect(str(tmp_path))
+    got = {r[0]: r[1:] for r in con.execute(
+        "select bits, group_size, engine_a, engine_b, stderr_kind, disagree from engine_agreement").fetchall()}
+    assert set(got) == {3, 4}  # group 128 not paired
+    assert got[4] == (64, "gptqmodel", "llmcompressor", "paired", False)
+    assert got[3] == (64, "gptqmodel", "llmcompressor", "paired", True)
