@@ -17,7 +17,8 @@ Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_d
   ``weight_change_pct``, ``compression_ratio`` = baseline / quantized, bits_per_weight),
   speed and memory (kernel, weight_format, ``speed_claim`` = false for a dequantized
   fake-quant kernel, ttft_ms, tpot_p50_ms, throughput_tok_s and the baseline's
-  ``baseline_tpot_p50_ms``, ``memory_bytes`` with ``memory_kind`` = the first measured of
+  ``baseline_tpot_p50_ms``, ``compute_dtype`` / ``baseline_compute_dtype`` / ``dtype_differs``
+  (an engine that computes in bfloat16 against a float32 baseline), ``memory_bytes`` with ``memory_kind`` = the first measured of
   nvml_peak_process_bytes, cuda_peak_reserved_bytes, peak_rss_bytes) and ``anomaly``: null,
   or '; '-joined flags: ``beats baseline beyond its uncertainty`` (better with p < 0.05, or by
   more than 1.96 delta_stderr when unpaired), ``non-finite metric``, ``larger than baseline``,
@@ -60,7 +61,7 @@ DERIVED_VIEWS = {
                    c.dataset, c.eval_settings, c."limit", c.finished_at, m.metric, m.value, m.stderr,
                    m.metric = c.primary_metric as is_primary, d.higher_is_better, d.example_metric,
                    d.test, d.scale, c.weight_bytes, c.bits_per_weight, c.kernel, c.weight_format,
-                   c.calibration_overlap,
+                   c.calibration_overlap, c.compute_dtype,
                    c.ttft_ms, c.tpot_p50_ms, c.throughput_tok_s,
                    coalesce(c.nvml_peak_process_bytes, c.cuda_peak_reserved_bytes, c.peak_rss_bytes) as memory_bytes,
                    case when c.nvml_peak_process_bytes is not null then 'nvml_peak_process_bytes'
@@ -74,7 +75,8 @@ DERIVED_VIEWS = {
         pairs as (
             select q.*, b.cell_id as baseline_cell_id, b.value as baseline_value,
                    b.stderr as baseline_stderr, b.weight_bytes as baseline_weight_bytes,
-                   b.tpot_p50_ms as baseline_tpot_p50_ms, b.memory_bytes as baseline_memory_bytes
+                   b.tpot_p50_ms as baseline_tpot_p50_ms, b.memory_bytes as baseline_memory_bytes,
+                   b.compute_dtype as baseline_compute_dtype
             from quality q
             join quality b on b.method = 'baseline' and q.method <> 'baseline'
                  and b.model = q.model and b.dataset = q.dataset and b.metric = q.metric
@@ -131,6 +133,8 @@ DERIVED_VIEWS = {
                100 * (weight_bytes / nullif(baseline_weight_bytes, 0) - 1) as weight_change_pct,
                baseline_weight_bytes / nullif(weight_bytes, 0) as compression_ratio, bits_per_weight,
                kernel, weight_format, coalesce(kernel <> 'dequantized', false) as speed_claim,
+               compute_dtype, baseline_compute_dtype,
+               compute_dtype is distinct from baseline_compute_dtype as dtype_differs,
                ttft_ms, tpot_p50_ms, throughput_tok_s, baseline_tpot_p50_ms,
                memory_bytes, memory_kind, baseline_memory_bytes,
                nullif(concat_ws('; ',

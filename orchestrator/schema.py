@@ -139,6 +139,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
      "(nvmlDeviceGetComputeRunningProcesses, device matched by UUID; CUDA context and allocator "
      "pool included) during this cell's evaluation, sampled every 20 ms; null on CPU or when NVML "
      "cannot see the process"),
+    ("compute_dtype", _S, "dtype the evaluated model's unquantized parts computed in; differs from dtype "
+     "when an engine changes it (GPTQModel's CPU kernels run in bfloat16): compare such cells with care"),
     ("model_bytes_in_memory", _I, "bytes of the model's parameters and buffers as held for evaluation"),
     # profile: measured after evaluation, on the model as held (see weight_format / kernel)
     ("profile_device", _S, "device every profile figure is for: 'cpu <processor>' or 'cuda:N <GPU name>'"),

@@ -75,4 +75,14 @@ def profile_sizes(model: Any, report: QuantReport, baseline_bytes: int | None = 
         "layers_high_precision": sum(1 for layer in report.layers if not layer.quantized),
         "fallback": report.fallback, "weight_format": report.weight_format,
         "kernel": report.kernel, "model_bytes_in_memory": model_bytes(model),
+        "compute_dtype": compute_dtype(model),
     }
+
+
+def compute_dtype(model: Any) -> str | None:
+    """The dtype the model's unquantized parts compute in (an engine may change it, e.g. GPTQModel's
+    CPU kernels run in bfloat16 whatever the spec's dtype)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).removeprefix("torch.")
+    return None
