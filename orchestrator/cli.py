@@ -302,7 +302,9 @@ def summary_table(results: str, sweep: str) -> str:
                primary_metric as metric, round(primary_value, 3) as value, round(kl_divergence, 4) as kl,
                round(weight_bytes / 1e6, 1) as weight_mb, round(bits_per_weight, 3) as bpw,
                round(compression_ratio, 2) as x_smaller,
-               coalesce(error_class || ': ' || error_message, fallback) as note
+               coalesce(error_class || ': ' || error_message,
+                        nullif(concat_ws('; ', fallback, case when compute_dtype <> dtype
+                                                              then 'computed in ' || compute_dtype end), '')) as note
         from cells order by model, dataset, method, bits nulls first, group_size, params
     """
     rel = con.execute(sql)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -102,8 +103,9 @@ def test_smollm2_perplexity_hqq_nf4_int8_fp8():
     dataset = {"name": "wikitext-fixture", "task": "perplexity", "path": "builtin:wikitext",
                "text_field": "page", "limit": 8, "seq_len": 256}
     profile = {"prompt_len": 4, "gen_len": 2, "batch_sizes": [1], "repeats": 1, "warmup": 0}
+    long = bool(os.environ.get("QSWEEP_LONG_TESTS"))  # hqq's optimiser: ~3 min on 2 cores
     runs = [([{"name": "baseline"}], [4], [64]),
-            ([{"name": "hqq"}, {"name": "nf4"}], [4], [64]),
+            ([{"name": "hqq"}] * long + [{"name": "nf4"}], [4], [64]),
             ([{"name": "int8", "engine": "torchao"}, {"name": "fp8", "engine": "torchao"}], [8], [-1])]
     state, rows = WorkerState(), {}
     for methods, bits, group_sizes in runs:
@@ -121,7 +123,7 @@ def test_smollm2_perplexity_hqq_nf4_int8_fp8():
     base = rows["baseline"]["primary_value"]
     assert rows["int8"]["primary_value"] < 1.01 * base, figures
     assert rows["fp8"]["primary_value"] < 1.05 * base, figures
-    for method in ("hqq", "nf4"):
+    for method in ("hqq", "nf4")[not long:]:
         assert base < rows[method]["primary_value"] < 1.25 * base, figures
     nf4 = rows["nf4"]
     assert nf4["checkpoint_bytes"] == pytest.approx(nf4["weight_bytes"], rel=0.05), figures
