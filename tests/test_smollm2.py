@@ -48,7 +48,8 @@ def run(spec, worker):
 
 
 def test_q4_1_weights_reproduced_exactly_by_float_zero_point(worker):
-    from tasks.quantize.rtn import fake_quantize, group_layout
+    from tasks.quantize.layers import group_layout
+    from tasks.quantize.rtn import fake_quantize
 
     model, _ = worker.base_model("known:smollm2-135m", "float32")
     modules = dict(model.named_modules())
