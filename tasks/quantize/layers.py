@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
+
+from tasks.quantize.configs import GroupFallback
 
 if TYPE_CHECKING:  # torch-free at import: preflight uses ``non_divisible``
     import torch
 
 HEAD_NAMES = ("lm_head",)
-POLICIES = ("ragged", "largest_divisor", "pad", "skip_layer", "error")
+POLICIES = get_args(GroupFallback)
 
 
 def linear_layers(model: torch.nn.Module, include_head: bool = False) -> list[tuple[str, torch.nn.Linear]]:

@@ -1,0 +1,198 @@
+"""Typed parameter blocks of the quantization methods: frozen pydantic models that forbid
+unknown keys. The registry (``tasks.quantize.registry``) pairs each with its method; a spec's
+method entry is validated against these fields. Torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class MethodConfig(BaseModel):
+    """Base for method parameter blocks: frozen, unknown keys forbidden."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaselineConfig(MethodConfig):
+    """The unquantized model in its dtype. Takes no parameters."""
+
+
+GroupFallback = Literal["ragged", "largest_divisor", "pad", "skip_layer", "error"]
+
+
+class LayerOverride(BaseModel):
+    """One per-layer override (``tasks.quantize.layers``): modules whose name matches
+    ``pattern`` (fnmatch) get these bits / group size, or stay in dtype with ``keep: true``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pattern: str = Field(min_length=1)
+    bits: int | None = Field(None, ge=2, le=16)
+    group_size: int | None = None
+    keep: bool = False
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> LayerOverride:
+        if not self.keep and self.bits is None and self.group_size is None:
+            raise ValueError("an override sets bits, group_size or keep: true")
+        if self.group_size is not None and self.group_size != -1 and self.group_size < 1:
+            raise ValueError("group_size is a positive integer or -1 (per output channel)")
+        return self
+
+
+class WeightQuantConfig(MethodConfig):
+    """Parameters every weight-quantization method takes; the spec's top-level
+    ``group_fallback`` and ``overrides`` fill them for methods that do not set their own.
+
+    - ``group_fallback``: what a layer whose width the group size does not divide gets
+      (``ragged`` | ``largest_divisor`` | ``pad`` | ``skip_layer`` | ``error``; see
+      ``tasks.quantize.layers``). A method that cannot apply a policy is skipped for that cell.
+    - ``overrides``: per-layer bits / group size / keep, by module-name pattern.
+    """
+
+    group_fallback: GroupFallback = "ragged"
+    overrides: tuple[LayerOverride, ...] = ()
+
+
+class RTNConfig(WeightQuantConfig):
+    """Round-to-nearest group quantization.
+
+    ```yaml
+    - {name: rtn, sym: [true, false], zero_point: [int, float]}
+    ```
+
+    - ``sym``: symmetric (no zero point) or asymmetric.
+    - ``zero_point``: for asymmetric only. ``int``: an integer zero point as GPTQ/AWQ formats
+      store it (``w = scale * (q - z)``); ``float``: a float offset as llama.cpp's Q4_1 and HQQ
+      store it (``w = min + scale * q``). Ignored (normalised to ``None``) when ``sym`` is true.
+    """
+
+    sym: bool = True
+    zero_point: Literal["int", "float"] | None = "int"
+
+    @model_validator(mode="after")
+    def _zero_point_only_when_asymmetric(self) -> RTNConfig:
+        if self.sym and self.zero_point is not None:
+            object.__setattr__(self, "zero_point", None)
+        if not self.sym and self.zero_point is None:
+            object.__setattr__(self, "zero_point", "int")
+        return self
+
+
+class GSQConfig(RTNConfig):
+    """Group scaling quantization: activation-aware per-input-channel scales, then RTN's groups.
+
+    ```yaml
+    methods:
+      - {name: gsq, sym: false, zero_point: int, alpha_grid: 20}
+    calibration: {dataset: pydoc-topics, samples: 32, seq_len: 256}
+    ```
+
+    ``sym`` and ``zero_point`` mean what they mean for ``rtn``; ``alpha_grid`` is the number of
+    steps of the search over the scaling exponent in [0, 1] (``alpha_grid + 1`` candidates,
+    0 = no scaling = rtn).
+    """
+
+    alpha_grid: int = Field(20, ge=1, le=1000)
+
+
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ: column-by-column rounding with second-order error compensation on calibration data.
+
+    ```yaml
+    methods:
+      - {name: gptq, engine: [gptqmodel, llmcompressor], sym: true, damping: 0.01,
+         act_order: false, true_sequential: true}
+    calibration: {dataset: pydoc-topics, samples: 32, seq_len: 256}
+    ```
+
+    - ``engine``: ``gptqmodel`` (GPTQModel; packed GPTQ checkpoint, reloaded with its torch
+      kernel) or ``llmcompressor`` (vLLM's llm-compressor; compressed-tensors checkpoint).
+      The same cell on both engines is a cross-library A/B.
+    - ``damping``: fraction of the Hessian's mean diagonal added to it (GPTQModel
+      ``damp_percent``, llm-compressor ``dampening_frac``).
+    - ``act_order``: quantize columns in order of decreasing Hessian diagonal (``desc_act``).
+    - ``true_sequential``: quantize the layers of a block one after another, each calibrated on
+      the outputs of the already-quantized ones.
+    """
+
+    engine: Literal["gptqmodel", "llmcompressor"] = "gptqmodel"
+    sym: bool = True
+    damping: float = Field(0.01, gt=0, lt=1)
+    act_order: bool = False
+    true_sequential: bool = True
+
+
+class AWQConfig(WeightQuantConfig):
+    """AWQ: activation-aware per-input-channel scales searched on calibration data, then group
+    quantization.
+
+    ```yaml
+    methods:
+      - {name: awq, engine: [gptqmodel, llmcompressor], sym: false}
+    calibration: {dataset: pydoc-topics, samples: 32, seq_len: 256}
+    ```
+    """
+
+    engine: Literal["gptqmodel", "llmcompressor"] = "gptqmodel"
+    sym: bool = False
+
+
+class HQQConfig(WeightQuantConfig):
+    """Half-quadratic quantization (calibration-free): zero points and scales optimised per
+    group to minimise an lp error of the weights, with HQQ's own API.
+
+    ```yaml
+    methods:
+      - {name: hqq, optimize: true}
+    ```
+    """
+
+    optimize: bool = True
+
+
+class Int8Config(WeightQuantConfig):
+    """8-bit integers: ``torchao`` = weight-only, one scale per output channel;
+    ``llmcompressor`` = W8A8 (int8 weights and dynamic per-token int8 activations) after
+    SmoothQuant moves activation outliers into the weights.
+
+    ```yaml
+    methods:
+      - {name: int8, engine: [torchao, llmcompressor], smoothing_strength: 0.8}
+    bits: [8]
+    ```
+    """
+
+    engine: Literal["torchao", "llmcompressor"] = "torchao"
+    smoothing_strength: float = Field(0.8, ge=0, le=1)  # llmcompressor's SmoothQuant only
+
+
+class FP8Config(WeightQuantConfig):
+    """FP8 (E4M3) weights with one scale per output channel.
+
+    ```yaml
+    methods:
+      - {name: fp8, engine: llmcompressor}
+    bits: [8]
+    ```
+    """
+
+    engine: Literal["torchao", "llmcompressor"] = "llmcompressor"
+
+
+class NF4Config(WeightQuantConfig):
+    """4-bit NormalFloat (bitsandbytes): one absmax per block of ``group_size`` weights.
+    A model is never saved after a forward pass (bitsandbytes 0.50.2 corrupts it).
+
+    ```yaml
+    methods:
+      - {name: nf4, double_quant: false}
+    bits: [4]
+    group_sizes: [64]
+    ```
+    """
+
+    double_quant: bool = False
