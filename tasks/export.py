@@ -11,7 +11,9 @@ What is written:
   which;
 - a method that holds its model dequantized (``rtn``, ``gsq``: ``weight_format: fake-quant``)
   exports the dequantized weights in the model's dtype (``format: dequantized``): the same
-  numbers the sweep evaluated, not a smaller file.
+  numbers the sweep evaluated, not a smaller file;
+- a method whose packed format transformers cannot load back on this machine (``hqq``, the
+  torchao engine) exports nothing and says why.
 
 The tokenizer is saved beside the weights, and ``qsweep_export.json`` records the cell id,
 group id, method, parameters, format and the per-layer record.
@@ -75,6 +77,10 @@ def export_cell(row: dict[str, Any], out: Path, state: Any = None) -> dict[str, 
             calib = state.calibration(cell.calibration) if info.needs_calibration else None
             model, report, seconds = quantize(cell, state, base, calib, workdir)
             log.info("export %s: quantized in %.1f s", cell.cell_id, seconds)
+        if not report.checkpoint_dir and report.weight_format not in ("dense", "fake-quant"):
+            raise ExportError(f"'{cell.method}' holds its model in {report.weight_format} and saves no checkpoint "
+                              f"transformers can load ({info.caps(cell.params).note or 'see its registry entry'}); "
+                              "nothing to export")
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent if out.parent.exists() else None))
         if report.checkpoint_dir:
             shutil.copytree(report.checkpoint_dir, staging, dirs_exist_ok=True)
