@@ -9,12 +9,13 @@ import pytest
 PROFILE = {"prompt_len": 4, "gen_len": 2, "batch_sizes": [1], "repeats": 1, "warmup": 0}
 
 
-def _spec(tiny_llama, datasets):
+def _spec(tiny_llama, datasets, method=None):
     from orchestrator.spec import parse_spec
 
     return parse_spec({
         "name": "export", "models": [{"name": "tiny", "path": str(tiny_llama)}],
-        "methods": [{"name": "rtn", "sym": False}], "bits": [3], "group_sizes": [32],
+        "methods": [method or {"name": "rtn", "sym": False}], "bits": [3 if method is None else 4],
+        "group_sizes": [32], "calibration": {"dataset": "pydoc-topics", "samples": 4, "seq_len": 64},
         "datasets": [{"name": name, "task": "perplexity", "path": "builtin:pydoc-topics", "limit": limit,
                       "seq_len": 32} for name, limit in datasets],
         "profile": PROFILE})
@@ -80,3 +81,32 @@ def test_artifact_cache_skips_quantization_for_a_new_dataset(tiny_llama, tmp_pat
     cached = ArtifactCache(tmp_path / "artifacts", cap_bytes=10**12).get(first["group_id"])
     small.put("g", cached.model, cached.report, cached.columns)
     assert small.get("g") is None
+
+
+def test_export_gptq_checkpoint_loads_in_transformers(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A packed GPTQ checkpoint (GPTQModel) exported by cell id: transformers loads it (through
+    optimum) and gets the sweep's perplexity."""
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("optimum")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestrator.cli import main
+    from orchestrator.store import Store
+    from tasks.evaluate.perplexity import TokenPerplexity
+    from tasks.worker import WorkerState
+
+    monkeypatch.delenv("QSWEEP_ARTIFACT_CACHE", raising=False)
+    spec = _spec(tiny_llama, [("pydoc", 2)], {"name": "gptq", "engine": "gptqmodel", "sym": False})
+    (row,) = _run(spec, WorkerState(threads=1), Store(tmp_path / "results"))
+    assert row["status"] == "ok", row.get("error_message")
+    out = tmp_path / "gptq-export"
+    assert main(["export", row["cell_id"], "--out", str(out), "--results", str(tmp_path / "results")]) == 0
+    assert "(gptq)" in capsys.readouterr().out
+    assert json.loads((out / "qsweep_export.json").read_text())["format"] == "gptq"
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any(isinstance(m, __import__("torch").nn.Linear) and "layers" in name
+                   for name, m in model.named_modules())  # packed modules, not dense ones
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    data = TokenPerplexity().prepare(spec.datasets[0], tokenizer)
+    reloaded = TokenPerplexity().evaluate(model, tokenizer, data).primary.value
+    assert reloaded == pytest.approx(row["primary_value"], rel=0.01)  # bf16 kernels: not bit-equal
