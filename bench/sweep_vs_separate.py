@@ -1,13 +1,16 @@
 """A group-size sweep run as one sweep, and as one single-cell sweep per cell: the cost of
 orchestration and of not sharing work.
 
-    python bench/sweep_vs_separate.py [--group-sizes 32 64 128 -1] [--out /tmp/qsweep-bench-sweep]
+    python bench/sweep_vs_separate.py [--methods rtn gsq] [--group-sizes 32 64 128 -1]
+                                      [--out /tmp/qsweep-bench-sweep]
 
 Both run in this process tree, one after the other, on SmolLM2-135M (CPU unless CUDA is
-there): rtn 4-bit at G group sizes x D=2 datasets (token perplexity on the CPython docs and the
-WikiText fixture). Prints both wall times and their ratio (target: the sweep costs at most half),
-and, from the sweep's rows, orchestration overhead against cell compute (target: at most 2%).
-The GPTQ wrapper-vs-direct comparison needs the gptq method (not in this build): not measured.
+there): the methods (default rtn; gsq calibrates on 16 windows of 256 tokens of the CPython
+docs' train topics) at 4 bits, G group sizes x D=2 datasets (token perplexity on the CPython
+docs' test topics and the WikiText fixture). Prints both wall times and their ratio (target: the
+sweep costs at most half), and, from the sweep's rows, orchestration overhead against cell
+compute (target: at most 2%). GPTQ through qsweep vs GPTQModel directly:
+bench/gptq_wrapper_vs_direct.py.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ DATASETS = [{"name": "pydoc-topics", "task": "perplexity", "limit": 6, "seq_len"
 PROFILE = {"prompt_len": 16, "gen_len": 4, "batch_sizes": [1], "repeats": 1, "warmup": 0}
 
 
-def spec(name: str, group_sizes: list[int], datasets: list[dict]) -> dict:
+CALIBRATION = {"dataset": "pydoc-topics", "samples": 16, "seq_len": 256}
+
+
+def spec(name: str, methods: list[str], group_sizes: list[int], datasets: list[dict]) -> dict:
     return {"name": name, "models": [{"name": "smollm2-135m"}],
-            "methods": [{"name": "rtn", "sym": False}], "bits": [4], "group_sizes": group_sizes,
-            "datasets": datasets, "profile": PROFILE}
+            "methods": [{"name": m, "sym": False} for m in methods], "bits": [4], "group_sizes": group_sizes,
+            "datasets": datasets, "profile": PROFILE, "calibration": CALIBRATION}
 
 
 def run(spec_data: dict, folder: Path) -> float:
@@ -50,24 +56,26 @@ def run(spec_data: dict, folder: Path) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["rtn"], choices=["rtn", "gsq"])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128, -1])
     parser.add_argument("--out", type=Path, default=Path("/tmp/qsweep-bench-sweep"))
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     (args.out / "sweep").mkdir(parents=True)
-    cells = len(args.group_sizes) * len(DATASETS)
+    cells = len(args.methods) * len(args.group_sizes) * len(DATASETS)
 
-    sweep_wall = run(spec("bench-sweep", args.group_sizes, DATASETS), args.out / "sweep")
+    sweep_wall = run(spec("bench-sweep", args.methods, args.group_sizes, DATASETS), args.out / "sweep")
     print(f"one sweep, {cells} cells: {sweep_wall:.1f} s", flush=True)
 
     separate_wall = 0.0
-    for g in args.group_sizes:
-        for d in DATASETS:
-            folder = args.out / f"single-{g}-{d['name']}"
-            folder.mkdir()
-            wall = run(spec(f"bench-single", [g], [d]), folder)
-            separate_wall += wall
-            print(f"  single cell g={g} {d['name']}: {wall:.1f} s", flush=True)
+    for method in args.methods:
+        for g in args.group_sizes:
+            for d in DATASETS:
+                folder = args.out / f"single-{method}-{g}-{d['name']}"
+                folder.mkdir()
+                wall = run(spec("bench-single", [method], [g], [d]), folder)
+                separate_wall += wall
+                print(f"  single cell {method} g={g} {d['name']}: {wall:.1f} s", flush=True)
     print(f"{cells} single-cell sweeps: {separate_wall:.1f} s")
     print(f"ratio sweep / separate: {sweep_wall / separate_wall:.2f} (target <= 0.5)")
 
@@ -89,7 +97,6 @@ def main() -> int:
           f"= {100 * overhead / compute:.2f}% (target <= 2%)")
     print(f"sweep wall not spent in cells: {sweep_wall - compute:.1f} s (process start, Ray start, "
           f"actor start, imports, compaction)")
-    print("gptq wrapper vs GPTQModel direct: not measured (no gptq method in this build)")
     return 0
 
 
