@@ -40,7 +40,7 @@ def main() -> int:
             "name": "plan-bench", "models": models,
             "methods": [{"name": "baseline"},
                         {"name": "rtn", "sym": [True, False], "zero_point": ["int", "float"],
-                         "fallback": ["ragged", "divisor"]}],
+                         "group_fallback": ["ragged", "largest_divisor"]}],
             "bits": [2, 3, 4, 5, 6, 7, 8],
             "group_sizes": [-1, 2, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
             "datasets": [{"name": f"d{i}", "task": "perplexity", "path": str(corpus), "limit": 4}
@@ -57,6 +57,8 @@ def main() -> int:
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             wall = time.perf_counter() - start
             lines = out.stdout.splitlines()
+            if out.returncode != 0:
+                raise SystemExit(f"qsweep plan exited {out.returncode}:\n{out.stderr[-2000:]}")
             print(f"run {attempt + 1}: exit {out.returncode}, {lines[0]}")
             print(f"  in-process {next(line for line in lines if line.startswith('PLAN_SECONDS')).split()[1]} s, "
                   f"process wall {wall:.2f} s, {next(line for line in lines if line.startswith('TORCH'))}")

@@ -59,9 +59,9 @@ def make_plan(spec: Spec, store: Store | None) -> Plan:
     done = {cid for cid, r in existing.items() if r["status"] in DONE_STATUSES}
     skipped, notes, pending, verdicts = {}, {}, [], {}
     for cell in cells:
-        # A verdict depends on these alone: decide once per distinct combination.
+        # A verdict depends on these alone (the dataset by its path): decide once per combination.
         key = (cell.model.path, cell.model.dtype, cell.method, cell.params_canonical or str(cell.params), cell.bits,
-               cell.group_size, cell.dataset.name, cell.dataset.path,
+               cell.group_size, cell.dataset.path,
                (cell.calibration or {}).get("dataset"))
         verdict = verdicts.get(key)
         if verdict is None:

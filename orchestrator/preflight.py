@@ -160,7 +160,7 @@ def check(cell: Cell, facts: ModelFacts | None, memory_bytes: int | None) -> Ver
         return Verdict(True, "data", f"model directory {model_path} does not exist")
     data_path = cell.dataset.path
     if not data_path.startswith("builtin:") and _looks_local(data_path) and not Path(data_path).expanduser().exists():
-        return Verdict(True, "data", f"dataset '{cell.dataset.name}': file {data_path} does not exist")
+        return Verdict(True, "data", f"dataset file {data_path} does not exist")
     calibration = (cell.calibration or {}).get("dataset") or ""
     if _looks_local(calibration) and not Path(calibration).expanduser().exists():
         return Verdict(True, "data", f"calibration set {calibration} does not exist")
