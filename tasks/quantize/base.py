@@ -59,13 +59,17 @@ class QuantReport:
     weight_format: str  # "dense" | "fake-quant" | a packed format name
     kernel: str  # "dense" | "dequantized" | a packed kernel name
     layers: list[LayerReport] = field(default_factory=list)
-    fallback: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     model: Any = None
     checkpoint_dir: str | None = None
     checkpoint_format: str | None = None  # "gptq", "awq", "compressed-tensors", ...
     checkpoint_bytes: int | None = None
     engine: str | None = None  # library and version that quantized, e.g. "gptqmodel 7.6.0"
+
+    @property
+    def fallback(self) -> str | None:
+        """The group_fallback policy applied to some layer (one policy per cell), or None."""
+        return next((layer.fallback for layer in self.layers if layer.fallback), None)
 
     @property
     def quantized_layers(self) -> list[LayerReport]:

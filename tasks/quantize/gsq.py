@@ -38,7 +38,13 @@ from tasks.calibration import Calibration, LayerStats
 from tasks.quantize.base import LayerReport, QuantContext, QuantReport
 from tasks.quantize.layers import plan_layers
 from tasks.quantize.registry import GSQConfig
-from tasks.quantize.rtn import fake_quantize, kept_report, quantized_report, relative_error, zero_bits
+from tasks.quantize.rtn import (
+    fake_quantize,
+    kept_report,
+    quantized_report,
+    relative_error,
+    zero_bits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,5 +102,4 @@ class GSQ:
             layers.append(quantized_report(plan, scales + (plan.in_features if alpha > 0 else 0), zeros,
                                            zero_bits(cfg, plan.bits), relative_error(folded, original),
                                            scale_alpha=alpha))
-        return QuantReport(weight_format="fake-quant", kernel="dequantized", layers=layers,
-                           fallback=next((layer.fallback for layer in layers if layer.fallback), None))
+        return QuantReport(weight_format="fake-quant", kernel="dequantized", layers=layers)

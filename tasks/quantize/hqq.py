@@ -106,6 +106,5 @@ class HQQ:
             layers.append(_quantize_layer(model, plan, cfg) if plan.quantized else kept_report(plan))
         return QuantReport(
             weight_format="hqq", kernel="hqq-dequant-torch", layers=layers,
-            fallback=next((layer.fallback for layer in layers if layer.fallback), None),
             engine=f"hqq {hqq.__version__}",
             extra={"checkpoint": "none: transformers 5 cannot load HQQ models on CPU"})

@@ -133,7 +133,6 @@ class NF4:
                   "bnb-nf4-dequant-matmul" if on_cpu else "bnb-nf4-cuda")
         return QuantReport(
             weight_format="bnb-nf4", kernel=kernel, layers=layers,
-            fallback=next((layer.fallback for layer in layers if layer.fallback), None),
             checkpoint_dir=str(directory), checkpoint_format="bitsandbytes-nf4",
             checkpoint_bytes=checkpoint_bytes, engine=f"bitsandbytes {bitsandbytes.__version__}",
             extra={"generic_path_layers": guarded} if guarded else {})

@@ -33,6 +33,7 @@ from tasks.quantize.base import LayerReport, QuantContext, QuantReport
 from tasks.quantize.layers import LayerPlan, describe_layout, plan_layers
 from tasks.quantize.registry import RTNConfig
 
+
 def quantize_groups(weight: torch.Tensor, bits: int, sym: bool, zero_point: str | None,
                     ) -> tuple[torch.Tensor, int, int]:
     """Fake-quantize ``weight`` [rows, groups, group_width] along its last axis.
@@ -133,5 +134,4 @@ class RTN:
                 plan.module.weight.data = deq
             layers.append(quantized_report(plan, scales, zeros, zero_bits(cfg, plan.bits),
                                            relative_error(deq, original)))
-        return QuantReport(weight_format="fake-quant", kernel="dequantized", layers=layers,
-                           fallback=next((layer.fallback for layer in layers if layer.fallback), None))
+        return QuantReport(weight_format="fake-quant", kernel="dequantized", layers=layers)

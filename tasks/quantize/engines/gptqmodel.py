@@ -133,7 +133,6 @@ def _quantize(model: Any, calib: Any, plans: list[LayerPlan], quant_config: Any,
     layers = layer_reports(plans, packed, fmt)
     return QuantReport(
         weight_format=fmt, kernel=backend, layers=layers, model=packed,
-        fallback=next((layer.fallback for layer in layers if layer.fallback), None),
         checkpoint_dir=str(checkpoint), checkpoint_format=fmt,
         checkpoint_bytes=sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")),
         engine=f"gptqmodel {VERSION}",

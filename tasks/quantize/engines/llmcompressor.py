@@ -167,7 +167,6 @@ def _finish(model: Any, plans: list[LayerPlan], originals: dict[str, torch.Tenso
     extra = {"compressed_tensors_format": ",".join(formats),
              "evaluated": "the checkpoint reloaded by transformers (decompressed to dense weights)"} | extra
     return QuantReport(weight_format="fake-quant", kernel="dequantized", layers=layers,
-                       fallback=next((layer.fallback for layer in layers if layer.fallback), None),
                        extra=extra, model=reloaded, checkpoint_dir=str(directory),
                        checkpoint_format="compressed-tensors", checkpoint_bytes=size, engine=_version())
 

@@ -82,7 +82,6 @@ def _quantize(model: Any, cfg: Any, bits: int | None, group_size: int | None, ki
     kernel = ("torchao-int8-weight-only (int8 codes cast to the activation dtype, mm, row scale)"
               if kind == "int8" and per_row else f"torchao-{kind}-weight-only (dequantize, then mm)")
     return QuantReport(weight_format=f"torchao-{kind}", kernel=kernel, layers=layers,
-                       fallback=next((layer.fallback for layer in layers if layer.fallback), None),
                        engine=f"torchao {torchao.__version__}")
 
 
