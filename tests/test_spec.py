@@ -93,6 +93,10 @@ def test_cells_outside_a_methods_reach_are_skipped_with_the_reason():
     assert caps.unsupported(4, 64, "pad", {}, False) is None
     assert caps.unsupported(3, 64, "pad", {}, False) == "supports bits {4, 8}, not 3"
     assert caps.unsupported(4, 64, "ragged", {}, True) == "cannot apply per-layer overrides"
+    per_channel = Capabilities(bits=frozenset({8}), group_sizes=frozenset())
+    assert per_channel.unsupported(8, 64, "ragged", {}, False) == (
+        "takes one scale per output channel only (group_size -1), not group size 64")
+    assert per_channel.unsupported(8, -1, "ragged", {}, False) is None
 
 
 def test_bits_required_only_when_a_method_takes_them():

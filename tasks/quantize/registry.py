@@ -13,10 +13,20 @@ from typing import Any, get_args
 
 from tasks.naming import did_you_mean
 from tasks.quantize.configs import (  # noqa: F401 - the configs are part of the registry's interface
-    AWQConfig, BaselineConfig, FP8Config, GPTQConfig, GroupFallback, GSQConfig, HQQConfig, Int8Config,
-    LayerOverride, MethodConfig, NF4Config, RTNConfig, WeightQuantConfig,
+    AWQConfig,
+    BaselineConfig,
+    FP8Config,
+    GPTQConfig,
+    GroupFallback,
+    GSQConfig,
+    HQQConfig,
+    Int8Config,
+    LayerOverride,
+    MethodConfig,
+    NF4Config,
+    RTNConfig,
+    WeightQuantConfig,
 )
-
 
 ALL_FALLBACKS = frozenset(get_args(GroupFallback))
 
@@ -42,6 +52,8 @@ class Capabilities:
         if group_size == -1 and not self.per_channel:
             return "has no per-output-channel mode (group_size -1)"
         if group_size not in (None, -1) and self.group_sizes is not None and group_size not in self.group_sizes:
+            if not self.group_sizes:
+                return f"takes one scale per output channel only (group_size -1), not group size {group_size}"
             return (f"supports group sizes {{{', '.join(map(str, sorted(self.group_sizes)))}}}, "
                     f"not {group_size}")
         if non_divisible and fallback not in self.fallbacks:
