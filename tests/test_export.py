@@ -22,14 +22,11 @@ def _spec(tiny_llama, datasets, method=None):
 
 
 def _run(spec, state, store):
-    from orchestrator.cells import expand, group_cells, identity_columns
-    from tasks.worker import run_group_rows
+    from inline import run_inline
 
-    rows = []
-    for group in group_cells(expand(spec)):
-        for cell_id, row in run_group_rows(group, state).items():
-            cell = next(c for c in group.cells if c.cell_id == cell_id)
-            rows.append({**identity_columns(cell), **row})
+    from orchestrator.cells import identity_columns
+
+    rows = [{**identity_columns(cell), **row} for cell, row in run_inline(spec, state)]
     store.write_rows(rows)
     return rows
 

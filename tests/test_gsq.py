@@ -9,8 +9,8 @@ import torch
 
 from tasks.calibration import Calibration, activation_stats, load_calibration
 from tasks.quantize.gsq import GSQ, channel_scales
-from tasks.quantize.registry import GSQConfig, RTNConfig, get_method
 from tasks.quantize.layers import linear_layers
+from tasks.quantize.registry import GSQConfig, RTNConfig, get_method
 from tasks.quantize.rtn import RTN, fake_quantize
 
 CALIBRATION = {"dataset": "pydoc-topics", "samples": 8, "seq_len": 64}
@@ -126,18 +126,15 @@ SPEC = {
 
 
 def test_sweep_reuses_calibration_statistics(tiny_llama):
-    from orchestrator.cells import expand, group_cells
+    from inline import run_inline
+
     from orchestrator.schema import to_table
     from orchestrator.spec import parse_spec
-    from tasks.worker import WorkerState, run_group_rows
+    from tasks.worker import WorkerState
 
     spec = parse_spec(dict(SPEC, models=[{"name": "tiny", "path": str(tiny_llama)}]))
     state = WorkerState(threads=1)
-    rows = {}
-    for group in group_cells(expand(spec)):
-        for cell_id, row in run_group_rows(group, state).items():
-            cell = next(c for c in group.cells if c.cell_id == cell_id)
-            rows[(cell.method, cell.bits)] = row
+    rows = {(cell.method, cell.bits): row for cell, row in run_inline(spec, state)}
     assert state.calibration_runs == 1  # the second gsq group reused the first one's statistics
     gsq3, gsq4, rtn3 = rows[("gsq", 3)], rows[("gsq", 4)], rows[("rtn", 3)]
     assert gsq3["status"] == gsq4["status"] == rtn3["status"] == "ok"

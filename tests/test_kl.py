@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tasks.evaluate.perplexity import TokenPerplexity
 from tasks.evaluate.reference import BaselineLogprobs
@@ -53,9 +52,10 @@ def test_kl_is_zero_against_itself_and_grows_as_bits_fall(tiny_llama, text_file)
 
 
 def test_sweep_rows_carry_kl_and_the_reference_runs_once(tiny_llama):
-    from orchestrator.cells import expand, group_cells
+    from inline import run_inline
+
     from orchestrator.spec import parse_spec
-    from tasks.worker import WorkerState, run_group_rows
+    from tasks.worker import WorkerState
 
     spec = parse_spec({
         "name": "kl-sweep", "models": [{"name": "tiny", "path": str(tiny_llama)}],
@@ -64,11 +64,7 @@ def test_sweep_rows_carry_kl_and_the_reference_runs_once(tiny_llama):
                       "seq_len": 32}],
         "profile": PROFILE})
     state = WorkerState(threads=1)
-    rows = {}
-    for group in group_cells(expand(spec)):
-        for cell_id, row in run_group_rows(group, state).items():
-            cell = next(c for c in group.cells if c.cell_id == cell_id)
-            rows[(cell.method, cell.bits)] = row
+    rows = {(cell.method, cell.bits): row for cell, row in run_inline(spec, state)}
     assert rows[("baseline", None)].get("kl_divergence") is None
     assert rows[("rtn", 3)]["kl_divergence"] > rows[("rtn", 8)]["kl_divergence"] > 0
     (reference,) = state._references.values()
