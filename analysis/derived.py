@@ -182,6 +182,7 @@ DERIVED_VIEWS = {
         with ok as (
             select cell_id, model, dataset, method, bits, group_size, primary_metric as metric,
                    primary_value as value, primary_stderr as stderr, json_extract_string(method_params, '$.engine') as engine,
+                   activation_quant,
                    -- the config without its engine (and without a fallback policy no layer needed)
                    json_merge_patch(method_params, case when fallback is null
                        then '{{"engine": null, "group_fallback": null}}' else '{{"engine": null}}' end) as config_key
@@ -194,6 +195,8 @@ DERIVED_VIEWS = {
             from ok a join ok b on a.model = b.model and a.dataset = b.dataset and a.method = b.method
                  and a.bits is not distinct from b.bits and a.group_size is not distinct from b.group_size
                  and a.metric = b.metric and a.config_key = b.config_key and a.engine < b.engine
+                 -- W8A8 against weight-only is two schemes, not two engines of one
+                 and a.activation_quant is not distinct from b.activation_quant
         ),
         paired as (
             select p.cell_a, p.cell_b, count(*) as n, list(ea.value - eb.value) as diffs,

@@ -116,7 +116,7 @@ def expand(spec: Spec) -> list[Cell]:
         info = get_method(variant.name)
         bits_axis = (variant.bits or spec.bits) if info.uses_bits else (None,)
         groups_axis = (variant.group_sizes or spec.group_sizes) if info.uses_group_size else (None,)
-        calibration = spec.calibration if info.needs_calibration else None
+        calibration = spec.calibration if info.calibrated(variant.params) else None
         for bits, group_size, dataset in itertools.product(bits_axis, groups_axis, spec.datasets):
             cell = Cell(sweep=spec.name, model=model, method=variant.name, params=variant.params,
                         bits=bits, group_size=group_size, calibration=calibration,

@@ -122,6 +122,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
      "group size, group layout actually used (e.g. 4x128+64), fallback, relative weight error "
      "||W - Q(W)|| / ||W||, and for gsq the chosen exponent scale_alpha of the input-channel scales"),
     ("weight_format", _S, "dense (unquantized) | fake-quant (dequantized weights) | a packed format"),
+    ("activation_quant", _S, "how the evaluated model quantized its activations, e.g. 'int8 dynamic per "
+     "token' (W8A8); null = activations not quantized (weight-only): cells that differ here are "
+     "different schemes, whatever their method name"),
+    ("quant_details", _S, "JSON of what the method reported beyond the per-layer record (the engine's "
+     "effective quantize config, checkpoint format, SmoothQuant calibration, ...); null when nothing"),
     ("kernel", _S, "kernel path evaluated and profiled: 'dense' (unquantized), 'dequantized' (low-bit "
      "weights held dequantized: no packed low-bit kernel ran, so speed says nothing of a packed format) "
      "or a packed kernel's name"),

@@ -194,7 +194,7 @@ def parse_spec(raw: Any, source: str = "<spec>", max_cells: int = DEFAULT_MAX_CE
                             check=lambda g: g > 0 or g == -1,
                             allowed="positive integers or -1 (per output channel)")
     datasets = _parse_datasets(raw.get("datasets", _MISSING), problems)
-    needs_calibration = [m.name for m in methods if get_method(m.name).needs_calibration]
+    needs_calibration = [m.name for m in methods if get_method(m.name).calibrated(m.params)]
     calibration = _parse_calibration(raw.get("calibration"), needs_calibration, problems)
     exclude = _parse_exclude(raw.get("exclude", []), methods, problems)
     seed = raw.get("seed", 0)

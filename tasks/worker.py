@@ -175,12 +175,12 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
         if cached is not None:  # quantized by an earlier run: no calibration, no quantization
             model, report, quant_seconds = cached.model, cached.report, 0.0
             common |= cached.columns | {"artifact_cache_hit": True}
-            if info.needs_calibration:  # tokens only, for the overlap check
+            if info.calibrated(head.params):  # tokens only, for the overlap check
                 calib_ids = load_calibration(head.calibration, tokenizer).input_ids
             log.info("group %s: quantized model from the artifact cache", group.group_id)
         else:
             columns: dict[str, Any] = {}
-            if info.needs_calibration:
+            if info.calibrated(head.params):
                 stage = "calibrate"
                 with Timer(state.device) as calib_time:
                     calib = state.calibration(head.calibration)

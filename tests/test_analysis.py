@@ -227,7 +227,11 @@ def test_engine_agreement_flags_engines_that_disagree(tmp_path):
             {**engine_cell("a2", "gptqmodel", 0.10), "bits": 3}, {**engine_cell("b2", "llmcompressor", 0.40), "bits": 3},
             # a fallback that was applied makes the configs different: not compared
             {**engine_cell("a3", "gptqmodel", 0.1, fallback="ragged"), "group_size": 128},
-            {**engine_cell("b3", "llmcompressor", 0.1, "largest_divisor", fallback="largest_divisor"), "group_size": 128}]
+            {**engine_cell("b3", "llmcompressor", 0.1, "largest_divisor", fallback="largest_divisor"), "group_size": 128},
+            # W8A8 (activations quantized) against weight-only int8: two schemes, not compared
+            {**engine_cell("a4", "torchao", 0.0), "bits": 8, "group_size": -1},
+            {**engine_cell("b4", "llmcompressor", 0.3), "bits": 8, "group_size": -1,
+             "activation_quant": "int8 dynamic per token"}]
     Store(tmp_path).write_rows(rows)
     con = connect(str(tmp_path))
     got = {r[0]: r[1:] for r in con.execute(

@@ -4,8 +4,10 @@ import copy
 import hashlib
 import json
 
+import pytest
+
 from orchestrator.cells import expand, group_cells
-from orchestrator.spec import parse_spec
+from orchestrator.spec import SpecError, parse_spec
 
 BASE = {
     "name": "t",
@@ -92,3 +94,20 @@ def test_adding_an_axis_value_keeps_existing_ids():
 def test_calibration_only_in_methods_that_need_it():
     with_calibration = dict(BASE, calibration={"dataset": "x", "samples": 8, "seq_len": 64})
     assert sorted(ids(with_calibration)) == sorted(ids(BASE))  # rtn and baseline take none
+
+
+def test_an_engine_that_calibrates_carries_the_calibration():
+    """int8 is calibration-free through torchao, but llm-compressor's W8A8 runs SmoothQuant on
+    calibration activations: its cells carry the spec's calibration (so its rows record it), the
+    torchao cells do not, and a spec without calibration is refused for it alone."""
+    raw = dict(BASE, methods=[{"name": "int8", "engine": ["torchao", "llmcompressor"]}],
+               bits=[8], group_sizes=[-1], calibration={"dataset": "x", "samples": 8, "seq_len": 64})
+    cells = {c.params["engine"]: c for c in expand(parse_spec(raw)) if c.dataset.name == "a"}
+    assert cells["llmcompressor"].calibration == {"dataset": "x", "samples": 8, "seq_len": 64}
+    assert cells["torchao"].calibration is None
+    torchao_only = dict(raw, methods=[{"name": "int8", "engine": "torchao"}])
+    del torchao_only["calibration"]
+    assert len(expand(parse_spec(torchao_only))) == 2
+    without = {k: v for k, v in raw.items() if k != "calibration"}
+    with pytest.raises(SpecError, match=r"calibration.*int8"):
+        parse_spec(without)

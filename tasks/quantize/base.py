@@ -65,6 +65,7 @@ class QuantReport:
     checkpoint_format: str | None = None  # "gptq", "awq", "compressed-tensors", ...
     checkpoint_bytes: int | None = None
     engine: str | None = None  # library and version that quantized, e.g. "gptqmodel 7.6.0"
+    activations: str | None = None  # activation quantization, e.g. "int8 dynamic per token"; None = weight-only
 
     @property
     def fallback(self) -> str | None:

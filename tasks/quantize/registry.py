@@ -42,6 +42,7 @@ class Capabilities:
     fallbacks: frozenset[str] = ALL_FALLBACKS
     overrides: bool = True  # per-layer bits / group size / keep
     packed_format: str | None = None  # None: the quantized model is held dequantized
+    needs_calibration: bool = False  # this engine calibrates even where its method does not
     note: str = ""  # why the limits are what they are
 
     def unsupported(self, bits: int | None, group_size: int | None, fallback: str | None,
@@ -88,6 +89,11 @@ class MethodInfo:
         if self.engines is not None:
             return self.engines[params["engine"]]
         return self.capabilities
+
+    def calibrated(self, params: dict[str, Any]) -> bool:
+        """Whether a cell of this method with these parameters carries the spec's calibration
+        (and so records its identity, size and hash in the row)."""
+        return self.needs_calibration or self.caps(params).needs_calibration
 
     @property
     def packed_format(self) -> str | None:
@@ -211,10 +217,11 @@ METHODS: dict[str, MethodInfo] = {
                      "the width (torchao asserts); int8 codes, fp32 scale and int8 zero point (0) "
                      "per row/group; no checkpoint"),
             "llmcompressor": Capabilities(
-                bits=frozenset({8}), group_sizes=frozenset(),
-                note="W8A8: SmoothQuant, then int8 weights with one scale per output channel (group_size "
-                     "-1 only) and dynamic per-token int8 activations; overrides may only keep layers; "
-                     "int-quantized checkpoint evaluated reloaded dequantized (activations QDQ)"),
+                bits=frozenset({8}), group_sizes=frozenset(), needs_calibration=True,
+                note="W8A8: SmoothQuant (calibrated on the spec's calibration), then int8 weights with "
+                     "one scale per output channel (group_size -1 only) and dynamic per-token int8 "
+                     "activations; overrides may only keep layers; int-quantized checkpoint evaluated "
+                     "reloaded dequantized (activations QDQ)"),
         },
     ),
     "fp8": MethodInfo(

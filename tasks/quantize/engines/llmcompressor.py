@@ -43,11 +43,6 @@ from tasks.quantize.rtn import kept_report, quantized_report, relative_error
 
 log = logging.getLogger(__name__)
 
-# int8 W8A8 cells carry no calibration spec (the int8 method is calibration-free for torchao);
-# SmoothQuant needs activations, so this engine calibrates on this fixed spec (recorded in extra).
-SMOOTHQUANT_CALIBRATION = {"dataset": "pydoc-topics", "samples": 32, "seq_len": 256}
-
-
 def _version() -> str:
     from importlib.metadata import version
 
@@ -251,8 +246,10 @@ def int8(model: Any, calib: Any, cfg: Any, bits: int | None, group_size: int | N
     then QuantizationModifier gives int8 weights (symmetric, one scale per output channel) and
     dynamic per-token int8 activations; the model computes with both quantized (QDQ).
 
-    The int8 method has no calibration of its own (its torchao engine needs none): SmoothQuant
-    calibrates on ``SMOOTHQUANT_CALIBRATION``; with ``smoothing_strength: 0`` it is not run."""
+    The int8 method is calibration-free for torchao; this engine declares ``needs_calibration``,
+    so its cells carry the spec's calibration (identity, tokens and hash in the row) and
+    SmoothQuant measures its activations on it. With ``smoothing_strength: 0`` SmoothQuant is not
+    run and the calibration is unused."""
     from compressed_tensors.quantization import QuantizationArgs
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform import SmoothQuantModifier
@@ -261,20 +258,18 @@ def int8(model: Any, calib: Any, cfg: Any, bits: int | None, group_size: int | N
     activations = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
     groups = _config_groups(plans, lambda b, g: _int_weights(8, -1, True), input_activations=activations)
     recipe: list[Any] = [QuantizationModifier(config_groups=groups)]
-    extra: dict[str, Any] = {"activations": "int8 dynamic per token", "smoothing_strength": cfg.smoothing_strength}
+    extra: dict[str, Any] = {"smoothing_strength": cfg.smoothing_strength}
     input_ids = None
     if cfg.smoothing_strength > 0:
-        from transformers import AutoTokenizer
-
-        from tasks.calibration import load_calibration
-
-        data = calib.data if calib is not None else load_calibration(
-            SMOOTHQUANT_CALIBRATION, AutoTokenizer.from_pretrained(ctx.model_path))
-        input_ids = data.input_ids
+        if calib is None:
+            raise ValueError("int8 (llmcompressor): SmoothQuant needs the cell's calibration; none was given")
+        input_ids = calib.data.input_ids
         recipe.insert(0, SmoothQuantModifier(smoothing_strength=cfg.smoothing_strength))
-        extra |= {"smoothquant_calibration": data.spec, "smoothquant_calibration_hash": data.token_hash}
+        extra |= {"smoothquant_calibration": calib.data.spec}
     _oneshot(model, recipe, input_ids)
-    return _finish(model, plans, {}, 0, ctx, extra)
+    report = _finish(model, plans, {}, 0, ctx, extra)
+    report.activations = "int8 dynamic per token"
+    return report
 
 
 def fp8(model: Any, calib: Any, cfg: Any, bits: int | None, group_size: int | None,
@@ -289,4 +284,4 @@ def fp8(model: Any, calib: Any, cfg: Any, bits: int | None, group_size: int | No
     weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel")
     groups = _config_groups(plans, lambda b, g: weights)
     _oneshot(model, [QuantizationModifier(config_groups=groups)], None)
-    return _finish(model, plans, {}, 0, ctx, {"activations": "not quantized (weight-only FP8 E4M3)"})
+    return _finish(model, plans, {}, 0, ctx, {})
