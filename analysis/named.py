@@ -20,6 +20,14 @@ NAMED_QUERIES: dict[str, tuple[str, str]] = {
                 "disagree beyond their uncertainty",
                 ("select model, dataset, method, bits, group_size, metric, engine_a, engine_b, value_a, value_b, "
                  "delta, delta_stderr, stderr_kind, p_value, disagree from engine_agreement")),
+    "sizes": ("weights per ok cell: bits per weight, bytes by the packed arithmetic and as saved on disk "
+              "(their ratio), compression against the baseline, layers quantized / fallen back / kept",
+              ("select model, method, json_extract_string(method_params, '$.engine') as engine, bits, group_size, "
+               "weight_format, round(bits_per_weight, 4) as bits_per_weight, weight_bytes, checkpoint_bytes, "
+               "round(checkpoint_bytes / weight_bytes, 4) as checkpoint_over_weight_bytes, "
+               "round(compression_ratio, 3) as compression_ratio, layers_quantized, layers_fallback, "
+               "layers_high_precision, fallback from cells where status = 'ok' "
+               "order by model, method, engine, bits, group_size")),
     "failures": ("cells that did not finish ok, with their reason",
                  ("select status, error_class, error_stage, model, method, bits, group_size, dataset, "
                  "error_message from cells where status <> 'ok' order by status, error_class, model")),

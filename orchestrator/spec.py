@@ -331,7 +331,8 @@ def _parse_methods(value: Any, problems: _Problems, defaults: dict[str, Any] | N
             except ValidationError as exc:
                 for err in exc.errors():
                     loc = ".".join(str(p) for p in err["loc"])
-                    problems.add(f"{where}.{loc}", err.get("input"), _pydantic_message(err, info.config))
+                    # a whole-config check (two parameters that conflict) has no field of its own
+                    problems.add(f"{where}.{loc}" if loc else where, err.get("input"), _pydantic_message(err, info.config))
                 break
             normal = config.model_dump()
             if not normal.get("overrides", True):
@@ -351,7 +352,7 @@ def _pydantic_message(err: dict, config: type) -> str:
     loc = err["loc"][0] if err["loc"] else None
     field_info = config.model_fields.get(loc) if loc else None
     allowed = f"; allowed: {_describe_type(field_info.annotation)}" if field_info is not None else ""
-    return f"{err['msg']}{allowed}"
+    return f"{err['msg'].removeprefix('Value error, ')}{allowed}"
 
 
 def _describe_type(annotation: Any) -> str:

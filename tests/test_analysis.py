@@ -195,6 +195,10 @@ def test_recommend_cli(store, capsys):
 def test_query_named_formats_and_seal(store, tmp_path, capsys):
     assert main(["query", "--results", store, "table1"]) == 0
     assert "best_quantized_score" in capsys.readouterr().out
+    assert main(["query", "--results", store, "sizes", "--format", "json"]) == 0
+    sizes = json.loads(capsys.readouterr().out)
+    assert {(r["method"], r["bits"], r["group_size"]) for r in sizes} >= {("baseline", None, None), ("rtn", 3, 64)}
+    assert all(r["bits_per_weight"] == r["bits"] + 0.25 for r in sizes if r["method"] == "rtn")
     out = tmp_path / "t.parquet"
     assert main(["query", "--results", store, "pareto", "--format", "parquet", "--out", str(out)]) == 0
     assert pq.read_table(out).num_rows > 0

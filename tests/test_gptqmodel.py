@@ -74,6 +74,33 @@ def test_capabilities_skip_what_gptqmodel_cannot_do():
     assert awq.unsupported(3, 64, "ragged", {}, False) is not None
 
 
+def test_each_engine_s_column_order_is_spelled_out_in_the_cell():
+    """GPTQModel 7.6 runs group-aware reordering by default and recomputes a group's scale from
+    the error-compensated weights; llm-compressor 0.14 has no reordering and fixes every scale
+    before GPTQ runs. Unset, each engine's behaviour is written into the cell's parameters (so
+    the two defaults are two cells, never paired as one config); what an engine cannot do is a
+    spec error naming the parameter."""
+    from orchestrator.spec import SpecError, parse_spec
+
+    raw = {"name": "t", "models": [{"name": "m", "path": "/m"}], "bits": [4], "group_sizes": [64],
+           "datasets": [{"name": "d", "task": "perplexity", "path": "/d.txt"}],
+           "calibration": {"dataset": "pydoc-topics", "samples": 4, "seq_len": 64},
+           "methods": [{"name": "gptq", "engine": ["gptqmodel", "llmcompressor"]}]}
+    params = {m.params["engine"]: m.params for m in parse_spec(raw).methods}
+    assert (params["gptqmodel"]["act_group_aware"], params["gptqmodel"]["static_groups"]) == (True, False)
+    assert (params["llmcompressor"]["act_group_aware"], params["llmcompressor"]["static_groups"]) == (False, True)
+    equal = dict(raw, methods=[{"name": "gptq", "engine": ["gptqmodel", "llmcompressor"],
+                                "act_group_aware": False, "static_groups": True}])
+    first, second = (m.params for m in parse_spec(equal).methods)
+    assert {k: v for k, v in first.items() if k != "engine"} == {k: v for k, v in second.items() if k != "engine"}
+    assert GPTQConfig(act_order=True).act_group_aware is False  # desc_act replaces GAR
+    for bad, message in (({"engine": "llmcompressor", "act_group_aware": True}, "no group-aware reordering"),
+                         ({"engine": "llmcompressor", "static_groups": False}, "static groups only"),
+                         ({"act_order": True, "act_group_aware": True}, "two column orders")):
+        with pytest.raises(SpecError, match=message):
+            parse_spec(dict(raw, methods=[{"name": "gptq", **bad}]))
+
+
 @pytest.fixture(scope="module")
 def gptq_run(tiny_llama, tmp_path_factory):
     from tasks.quantize.engines.gptqmodel import gptq

@@ -67,6 +67,7 @@ def gptq(model: Any, calib: Any, cfg: GPTQConfig, bits: int | None, group_size: 
     plans = plan_layers(model, bits, group_size, cfg)
     quant_config = QuantizeConfig(bits=bits, group_size=group_size, sym=cfg.sym, desc_act=cfg.act_order,
                                   damp_percent=cfg.damping, true_sequential=cfg.true_sequential,
+                                  act_group_aware=cfg.act_group_aware, static_groups=cfg.static_groups,
                                   dynamic=dynamic_overrides(plans, bits, group_size) or None)
     return _quantize(model, calib, plans, quant_config, "gptq", GPTQ_BACKEND, ctx)
 

@@ -188,6 +188,7 @@ def gptq(model: Any, calib: Any, cfg: Any, bits: int | None, group_size: int | N
     _oneshot(model, [modifier], calib.data.input_ids)
     return _finish(model, plans, originals, 0 if cfg.sym else bits, ctx, {
         "actorder": "static" if cfg.act_order else None,
+        "static_groups": "scales and zero points from the unquantized weights (observer before GPTQ)",
         "sequential": "per decoder layer (true_sequential inside a block not available)"})
 
 
