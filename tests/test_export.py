@@ -80,11 +80,19 @@ def test_artifact_cache_skips_quantization_for_a_new_dataset(tiny_llama, tmp_pat
     assert small.get("g") is None
 
 
-def test_export_gptq_checkpoint_loads_in_transformers(tiny_llama, tmp_path, monkeypatch, capsys):
-    """A packed GPTQ checkpoint (GPTQModel) exported by cell id: transformers loads it (through
-    optimum) and gets the sweep's perplexity."""
-    pytest.importorskip("gptqmodel")
-    pytest.importorskip("optimum")
+@pytest.mark.parametrize(("engine", "fmt", "rel"), [
+    ("gptqmodel", "gptq", 0.01),               # bf16 packed kernels: not bit-equal
+    ("llmcompressor", "compressed-tensors", 1e-4),
+])
+def test_export_packed_checkpoint_loads_in_transformers(tiny_llama, tmp_path, monkeypatch, capsys,
+                                                        engine, fmt, rel):
+    """A packed checkpoint exported by cell id (GPTQ from GPTQModel, compressed-tensors
+    pack-quantized from llm-compressor): transformers loads it (GPTQ through optimum) and gets the
+    sweep's perplexity."""
+    pytest.importorskip({"gptqmodel": "gptqmodel", "llmcompressor": "llmcompressor"}[engine])
+    if engine == "gptqmodel":
+        pytest.importorskip("optimum")
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from orchestrator.cli import main
@@ -93,17 +101,19 @@ def test_export_gptq_checkpoint_loads_in_transformers(tiny_llama, tmp_path, monk
     from tasks.worker import WorkerState
 
     monkeypatch.delenv("QSWEEP_ARTIFACT_CACHE", raising=False)
-    spec = _spec(tiny_llama, [("pydoc", 2)], {"name": "gptq", "engine": "gptqmodel", "sym": False})
+    spec = _spec(tiny_llama, [("pydoc", 2)], {"name": "gptq", "engine": engine, "sym": False})
     (row,) = _run(spec, WorkerState(threads=1), Store(tmp_path / "results"))
     assert row["status"] == "ok", row.get("error_message")
-    out = tmp_path / "gptq-export"
+    out = tmp_path / f"{engine}-export"
     assert main(["export", row["cell_id"], "--out", str(out), "--results", str(tmp_path / "results")]) == 0
-    assert "(gptq)" in capsys.readouterr().out
-    assert json.loads((out / "qsweep_export.json").read_text())["format"] == "gptq"
+    assert f"({fmt})" in capsys.readouterr().out
+    assert json.loads((out / "qsweep_export.json").read_text())["format"] == fmt
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == ("gptq" if engine == "gptqmodel" else "compressed-tensors")
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert not any(isinstance(m, __import__("torch").nn.Linear) and "layers" in name
-                   for name, m in model.named_modules())  # packed modules, not dense ones
+    if engine == "gptqmodel":  # packed modules, not dense ones
+        assert not any(isinstance(m, torch.nn.Linear) and "layers" in name for name, m in model.named_modules())
     tokenizer = AutoTokenizer.from_pretrained(out)
     data = TokenPerplexity().prepare(spec.datasets[0], tokenizer)
     reloaded = TokenPerplexity().evaluate(model, tokenizer, data).primary.value
-    assert reloaded == pytest.approx(row["primary_value"], rel=0.01)  # bf16 kernels: not bit-equal
+    assert reloaded == pytest.approx(row["primary_value"], rel=rel)
