@@ -198,6 +198,30 @@ def test_awq_with_overrides(tiny, tmp_path):
     torch.testing.assert_close(_logits(report.model, input_ids), _logits(model, input_ids), rtol=1e-4, atol=1e-5)
 
 
+def test_w8a8_rows_record_their_calibration_and_scheme(tiny_llama):
+    """Through the worker: the W8A8 row carries the SmoothQuant calibration's identity (spec,
+    tokens, hash) and says its activations were quantized; the torchao int8 row has neither."""
+    from inline import run_inline
+
+    from orchestrator.spec import parse_spec
+    from tasks.worker import WorkerState
+
+    spec = parse_spec({
+        "name": "w8a8", "models": [{"name": "tiny", "path": str(tiny_llama)}],
+        "methods": [{"name": "int8", "engine": ["llmcompressor", "torchao"]}], "bits": [8], "group_sizes": [-1],
+        "calibration": CALIBRATION,
+        "datasets": [{"name": "p", "task": "perplexity", "path": "builtin:pydoc-topics", "limit": 2, "seq_len": 32}],
+        "profile": {"prompt_len": 4, "gen_len": 2, "batch_sizes": [1], "repeats": 1, "warmup": 0}})
+    rows = {cell.params["engine"]: row for cell, row in run_inline(spec, WorkerState(threads=1))}
+    w8a8, weight_only = rows["llmcompressor"], rows["torchao"]
+    assert w8a8["status"] == "ok" and weight_only["status"] == "ok", (w8a8.get("error_message"),
+                                                                    weight_only.get("error_message"))
+    assert w8a8["calibration_tokens"] == 8 * 64 and len(w8a8["calibration_hash"]) == 64
+    assert w8a8["activation_quant"] == "int8 dynamic per token"
+    assert json.loads(w8a8["quant_details"])["smoothquant_calibration"] == CALIBRATION
+    assert weight_only.get("calibration_tokens") is None and weight_only["activation_quant"] is None
+
+
 def test_int8_w8a8_and_fp8_weights(tiny, tmp_path):
     base, calib, _ = tiny
     input_ids = calib.data.input_ids[:2]
