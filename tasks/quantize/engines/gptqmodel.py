@@ -32,7 +32,11 @@ hidden 128 the unpacked codes stay in [0, 7], zeros in range, and AWQ's 3-bit an
 are closer to the base model's than rtn's (0.24 vs 0.36 and 0.146 vs 0.187 relative error).
 Not the identity: GPTQModel's scale search uses ``duo_scaling`` (``s = x_mean**r /
 w_mean**(1-r)``, r in 0..0.95), so r = 0 gives ``1/w_mean``, not ``s = 1``; the candidates do not
-include "no scaling", and AWQ can lose to round-to-nearest on its own objective. AWQ also needs
+include "no scaling", and AWQ can lose to round-to-nearest on its own objective. llm-compressor
+0.14's AWQModifier, with the same duo scaling, puts ``(ratio 0, no duo scaling)`` = identity
+first in its grid for exactly this reason (``_get_grid_search_params``). GPTQModel then runs a
+clip search per group (``apply_clip``; q/k projections excluded) that llm-compressor does not,
+and searches in the dtype it loaded (bfloat16 for a float32 model). AWQ also needs
 ``in_features % group_size == 0`` and (clip search) ``out_features % 64 == 0``.
 """
 
