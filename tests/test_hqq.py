@@ -77,10 +77,14 @@ def test_hqq_sizes(tiny_llama):
     assert quantized == 2 * (96 * 96 * 2 + 96 * 48 * 2 + 96 * 128 * 3)
     kept = sum(v for n, v in dense.items() if "layers" not in n or "norm" in n)
     assert weight_size(model, report).weight_bytes == kept + quantized * 5 // 8
-    # 3 bits: hqq stores 10 codes per int32 in rows of groups padded to a multiple of 10
-    three = HQQ().quantize(_tiny(tiny_llama), None, HQQConfig(), 3, 32)
+    # 3 bits: hqq stores 10 codes per int32 (30 of 32 bits) in rows of groups padded to a
+    # multiple of 10: 144 groups of 32 -> 15 int32 rows of 32 = 150 group rows; counted as stored
+    three_model = _tiny(tiny_llama)
+    three = HQQ().quantize(three_model, None, HQQConfig(), 3, 32)
     k_proj = next(layer for layer in three.quantized_layers if layer.name.endswith("k_proj"))
-    assert k_proj.scales == 48 * 96 // 32 == 144 and k_proj.codes == 150 * 32
+    assert k_proj.scales == 48 * 96 // 32 == 144 and k_proj.codes == 48 * 96
+    assert k_proj.stored_bits() == 15 * 32 * 32 + 144 * 32  # W_q int32 [15, 32] + fp16 scale, zero
+    assert three.bits_per_weight() > 3.2 + 32 / 32
 
 
 def test_hqq_group_fallbacks(tiny_llama):

@@ -28,10 +28,14 @@ class LayerReport:
     scale_alpha: float | None = None  # group scaling: exponent of the input-channel scales chosen
     override: str | None = None  # the override pattern that set this layer's bits / group size
     scale_bits: int = 16  # bits per stored scale (32 for bitsandbytes' fp32 absmax, torchao's fp32 scales)
+    # bits one code occupies as stored where the packing wastes some (hqq's 3 bits: 10 codes per
+    # int32 plus padding rows, about 3.2); None = bits
+    code_bits: float | None = None
 
     def stored_bits(self, scale_bits: int | None = None) -> int:
         scale_bits = self.scale_bits if scale_bits is None else scale_bits
-        return self.codes * (self.bits or 0) + self.scales * scale_bits + self.zeros * self.zero_bits
+        per_code = self.code_bits if self.code_bits is not None else (self.bits or 0)
+        return round(self.codes * per_code) + self.scales * scale_bits + self.zeros * self.zero_bits
 
 
 @dataclass(frozen=True)

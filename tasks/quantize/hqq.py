@@ -84,10 +84,10 @@ def _quantize_layer(model: Any, plan: LayerPlan, cfg: HQQConfig) -> LayerReport:
     model.set_submodule(plan.name, layer)
     groups = len(plan.groups) * plan.out_features
     report = quantized_report(plan, scales=groups, zeros=groups, zero_bits=16, error=error)
-    if plan.bits == 3:  # 3-bit codes go 10 to an int32: count the padding rows hqq stores
-        padded = layer.W_q.shape[0] * 10 * layer.W_q.shape[1]
-        report = replace(report, codes=padded)
-    return report
+    # the codes as hqq stores them: 8/4/2/1 bits fill uint8 exactly; 3 bits go 10 to an int32
+    # (2 bits of 32 unused) in rows of groups padded to a multiple of 10
+    stored = layer.W_q.numel() * layer.W_q.element_size() * 8
+    return replace(report, code_bits=stored / report.codes)
 
 
 class HQQ:

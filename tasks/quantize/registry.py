@@ -199,7 +199,7 @@ METHODS: dict[str, MethodInfo] = {
             note="hqq 0.2.8 HQQLinear, axis 1, torch backend (dequantize per forward). Any group "
                  "size dividing the width (hqq reshapes to [-1, g]: a non-dividing size would make "
                  "groups straddling rows, so no ragged/pad). Packs 8/4/2/1 bits in uint8 and 3 bits "
-                 "10 per int32 (3.2 bits per code: size arithmetic counts 3 bits); 5/6 bits are one "
+                 "10 per int32 (3.2 bits per code, and sizes count them as stored); 5/6 bits are one "
                  "byte per code, not offered. Scale and zero per group in 16 bits. No checkpoint: "
                  "transformers 5 cannot load HQQ on CPU."),
     ),
