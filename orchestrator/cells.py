@@ -11,6 +11,7 @@ from typing import Any
 
 from orchestrator.schema import SCHEMA_VERSION
 from orchestrator.spec import DatasetEntry, ModelEntry, Spec, canonical_json
+from tasks.naming import did_you_mean
 from tasks.profile.config import ProfileConfig
 from tasks.quantize.registry import get_method
 
@@ -140,6 +141,37 @@ def count_cells(spec: Spec) -> int:
 def _matches(rule: dict[str, list], cell: Cell) -> bool:
     values = cell.axis_values()
     return all(key in values and values[key] in allowed for key, allowed in rule.items())
+
+
+def parse_rerun(texts: list[str], cells: list[Cell]) -> list[dict[str, list]]:
+    """``--rerun`` rules, ``key=value[,key=value...]`` (keys: model, method, bits, group_size,
+    dataset or a method parameter; values read as YAML scalars), each matching some cell of the
+    spec; a problem raises ValueError saying what is allowed."""
+    import yaml
+
+    keys = sorted({key for cell in cells for key in cell.axis_values()})
+    rules = []
+    for text in texts:
+        rule: dict[str, list] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--rerun {text!r}: {part!r} is not key=value (e.g. method=hqq,bits=3)")
+            if key.strip() not in keys:
+                raise ValueError(f"--rerun {text!r}: unknown key {key.strip()!r}; "
+                                 f"{did_you_mean(key.strip(), keys)}allowed: {', '.join(keys)}")
+            rule[key.strip()] = [yaml.safe_load(value)]
+        if not rule:
+            raise ValueError(f"--rerun {text!r}: empty rule (e.g. method=hqq,bits=3)")
+        if not any(_matches(rule, cell) for cell in cells):
+            raise ValueError(f"--rerun {text!r} matches no cell of the spec (`qsweep plan SPEC --cells` lists them)")
+        rules.append(rule)
+    return rules
+
+
+def rerun_ids(rules: list[dict[str, list]], cells: list[Cell]) -> set[str]:
+    """Cells the rules ask to run again, whatever their rows say."""
+    return {cell.cell_id for cell in cells if any(_matches(rule, cell) for rule in rules)} if rules else set()
 
 
 def group_cells(cells: list[Cell]) -> list[Group]:

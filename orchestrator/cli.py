@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(adding a dataset to a finished study does not quantize again); off by default")
     p.add_argument("--artifact-cache-gb", type=_float, default=None, metavar="GB",
                    help="size cap of the artifact cache; least recently used entries go first (default 20)")
+    p.add_argument("--rerun", action="append", default=[], metavar="KEY=VALUE[,...]",
+                   help="run the cells matching every KEY=VALUE again although they have an ok row "
+                        "(after a fix or a library upgrade), e.g. --rerun method=hqq,bits=3; keys: model, "
+                        "method, bits, group_size, dataset or a method parameter; repeatable")
     _max_cells(p)
 
     p = sub.add_parser("export", help="write a cell's quantized model as a checkpoint transformers loads",
@@ -233,12 +237,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.driver import run_sweep
 
+    from orchestrator.cells import expand, parse_rerun
+
     spec = load_spec(args.spec, max_cells=args.max_cells)
+    try:
+        rerun = parse_rerun(args.rerun, expand(spec)) if args.rerun else []
+    except ValueError as exc:
+        print(f"qsweep run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     store = Store(args.results)
     _artifact_cache_env(args)
     try:
         result = run_sweep(spec, store, gpus=args.gpus, cpu_actors=args.cpu_actors,
-                           progress=not args.no_progress, verbose=args.verbose)
+                           progress=not args.no_progress, verbose=args.verbose, rerun=rerun)
     except (StoreError, SpecError):
         raise
     except Exception:

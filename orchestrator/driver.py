@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.cells import Cell, Group, expand, group_cells, identity_columns
+from orchestrator.cells import Cell, Group, expand, group_cells, identity_columns, rerun_ids
 from orchestrator.preflight import check, host_memory_bytes, validate_models
 from orchestrator.spec import Spec
 from orchestrator.store import Store
@@ -48,7 +48,9 @@ class Plan:
     skips_on_record: set[tuple[str, str]] = field(default_factory=set)  # (cell_id, reason) stored
 
 
-def make_plan(spec: Spec, store: Store | None) -> Plan:
+def make_plan(spec: Spec, store: Store | None, rerun: list[dict[str, list]] | None = None) -> Plan:
+    """What to run: every cell without a done row, and those ``rerun`` rules (see
+    ``orchestrator.cells.parse_rerun``) ask for again; preflight verdicts for all."""
     cells = expand(spec)
     facts = validate_models(spec)
     memory = host_memory_bytes()
@@ -56,7 +58,7 @@ def make_plan(spec: Spec, store: Store | None) -> Plan:
     if store is not None and store.files(spec.name):
         table = store.read(spec.name, columns=["cell_id", "status", "error_message", "attempts"])
         existing = {r["cell_id"]: r for r in table.to_pylist()}
-    done = {cid for cid, r in existing.items() if r["status"] in DONE_STATUSES}
+    done = {cid for cid, r in existing.items() if r["status"] in DONE_STATUSES} - rerun_ids(rerun or [], cells)
     skipped, notes, pending, verdicts = {}, {}, [], {}
     for cell in cells:
         # A verdict depends on these alone (the dataset by its path): decide once per combination.
@@ -113,17 +115,19 @@ class Running:
 
 
 def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int | None = None,
-              progress: bool = True, verbose: bool = False) -> RunResult:
+              progress: bool = True, verbose: bool = False,
+              rerun: list[dict[str, list]] | None = None) -> RunResult:
     """Run every cell of ``spec`` that has no ``ok`` row in ``store``.
 
     Rows stream back cell by cell and are written as they arrive, so killing the driver or an
     actor loses at most the cells in flight. A dead actor (``crash``) or a cell past
     ``timeout_s`` (the actor is killed: Ray cannot cancel a running method) is retried on a
-    fresh actor up to ``retries``; then its row records what happened.
+    fresh actor up to ``retries``; then its row records what happened. Cells matching a
+    ``rerun`` rule run again even when done; their new row supersedes the old (newest wins).
     """
     started = time.perf_counter()
     store.check_writable(spec.name)
-    plan = make_plan(spec, store)
+    plan = make_plan(spec, store, rerun)
     sweep_hash = spec_hash(spec)
     statuses: Counter = Counter()
 

@@ -194,6 +194,11 @@ ARGS = [
     ("query-format", ["query", "select 1", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
     ("query-bad-sql", ["query", "selec 1"], "syntax error"),
     ("query-unknown-view", ["query", "select * from cellz"], "cellz"),
+    ("rerun-not-key-value", ["run", "sweeps/demo.yaml", "--rerun", "rtn"], "'rtn' is not key=value"),
+    ("rerun-unknown-key", ["run", "sweeps/demo.yaml", "--rerun", "methd=rtn"],
+     "unknown key 'methd'; did you mean 'method'? allowed: act_group_aware"),
+    ("rerun-matches-nothing", ["run", "sweeps/demo.yaml", "--rerun", "method=rtn,bits=8"], "matches no cell"),
+    ("rerun-empty", ["run", "sweeps/demo.yaml", "--rerun", ","], "empty rule"),
 ]
 
 

@@ -70,6 +70,15 @@ def test_sweep_end_to_end_on_two_logical_gpus(tmp_path, tiny_llama, text_file):
     assert "ran 2 cells" in more.stdout  # only the new group size, on the dataset that exists
     assert connect(str(results)).execute("select count(*) from cells").fetchone() == (14,)
 
+    # --rerun: the cells a rule matches run again (their new rows supersede the old), nothing else
+    rerun = qsweep("run", str(spec_path), "--results", str(results), "--gpus", "2", "--no-progress",
+                   "--rerun", "method=rtn,group_size=16", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "ran 2 cells" in rerun.stdout
+    con = connect(str(results))
+    assert con.execute("select count(*) from cells").fetchone() == (14,)
+    assert con.execute("select min(attempts) from cells where group_size = 16 and status = 'ok'").fetchone() == (2,)
+
     status = qsweep("status", str(spec_path), "--results", str(results), cwd=tmp_path)
     assert status.returncode == 0
     assert "14 cells; ok: 7, failed: 0, timeout: 0, skipped: 7, missing: 0" in status.stdout
