@@ -22,7 +22,9 @@ Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_d
   nvml_peak_process_bytes, cuda_peak_reserved_bytes, peak_rss_bytes) and ``anomaly``: null,
   or '; '-joined flags: ``beats baseline beyond its uncertainty`` (better with p < 0.05, or by
   more than 1.96 delta_stderr when unpaired), ``non-finite metric``, ``larger than baseline``,
-  ``evaluated on calibration text`` (calibration_overlap above 1%).
+  ``evaluated on calibration text`` (calibration_overlap above 1%), ``no measurable change at
+  <= 4 bits`` (KL divergence from the baseline below 1e-4: the source weights may already lie on
+  the quantizer's grid, as SmolLM2's dequantized Q4_1 weights do at 4 bits group 32).
 - ``pareto``: the non-dominated ok cells per (model, dataset, primary metric) over quality
   (direction-aware), weight_bytes (lower) and per-token latency tpot_p50_ms (lower; a cell
   without latency counts as infinitely slow). Columns: model, dataset, metric, cell_id,
@@ -47,7 +49,7 @@ import weakref
 
 import duckdb
 
-from analysis.quality import SIGNIFICANCE, directions_table, paired_bootstrap_p
+from analysis.quality import NO_CHANGE_KL, SIGNIFICANCE, directions_table, paired_bootstrap_p
 
 CONFIG_LABEL = """{t}method || coalesce('(' || nullif(regexp_replace({t}method_params, '[{{}}" ]', '', 'g'), '') || ')', '')
        || coalesce(' w' || {t}bits, '') || coalesce(' g' || {t}group_size, '')"""
@@ -61,7 +63,7 @@ DERIVED_VIEWS = {
                    c.dataset, c.eval_settings, c."limit", c.finished_at, m.metric, m.value, m.stderr,
                    m.metric = c.primary_metric as is_primary, d.higher_is_better, d.example_metric,
                    d.test, d.scale, c.weight_bytes, c.bits_per_weight, c.kernel, c.weight_format,
-                   c.calibration_overlap, c.compute_dtype,
+                   c.calibration_overlap, c.kl_divergence, c.compute_dtype,
                    c.ttft_ms, c.tpot_p50_ms, c.throughput_tok_s,
                    coalesce(c.nvml_peak_process_bytes, c.cuda_peak_reserved_bytes, c.peak_rss_bytes) as memory_bytes,
                    case when c.nvml_peak_process_bytes is not null then 'nvml_peak_process_bytes'
@@ -144,7 +146,12 @@ DERIVED_VIEWS = {
                    case when not coalesce(isfinite(value) and isfinite(baseline_value), false)
                         then 'non-finite metric' end,
                    case when weight_bytes > baseline_weight_bytes then 'larger than baseline' end,
-                   case when calibration_overlap > 0.01 then 'evaluated on calibration text' end), '') as anomaly
+                   case when calibration_overlap > 0.01 then 'evaluated on calibration text' end,
+                   -- a model dequantized from a low-bit file (SmolLM2's Q4_1 GGUF: 4 bits, blocks
+                   -- of 32, float offset) is reproduced exactly by a quantizer on the same grid
+                   case when bits <= 4 and kl_divergence < {NO_CHANGE_KL}
+                        then 'no measurable change at <= 4 bits: the source weights may already be on this grid' end),
+                   '') as anomaly
         from scored
     """,
     "pareto": f"""
