@@ -72,6 +72,19 @@ def test_capabilities_skip_what_gptqmodel_cannot_do():
     awq = get_method("awq").caps({"engine": "gptqmodel"})
     assert awq.unsupported(4, 128, "ragged", {"hidden_size": 576}, False) is not None
     assert awq.unsupported(3, 64, "ragged", {}, False) is not None
+    # a kept layer breaks GPTQModel AWQ's scaling groups (the process died on SmolLM2 g128)
+    assert "skip_layer" in awq.unsupported(4, 128, "skip_layer", {"hidden_size": 576}, False)
+    assert "overrides" in awq.unsupported(4, 64, "ragged", {}, True)
+
+
+def test_gptqmodel_awq_refuses_a_plan_that_keeps_layers(tiny_llama):
+    from tasks.quantize.engines.gptqmodel import awq
+    from tasks.quantize.registry import AWQConfig
+
+    model, _ = _tiny(tiny_llama)
+    ctx = QuantContext(model_path=str(tiny_llama), workdir=Path("/nonexistent"), threads=1)
+    with pytest.raises(ValueError, match="breaks its scaling groups"):
+        awq(model, None, AWQConfig(engine="gptqmodel", group_fallback="skip_layer"), 4, 64, ctx)
 
 
 def test_each_engine_s_column_order_is_spelled_out_in_the_cell():

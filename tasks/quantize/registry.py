@@ -172,11 +172,14 @@ METHODS: dict[str, MethodInfo] = {
         engines={
             "gptqmodel": Capabilities(
                 bits=frozenset({4}), group_sizes=frozenset({16, 32, 64, 128}), per_channel=False,
-                fallbacks=frozenset({"skip_layer", "error"}), packed_format="awq",
+                fallbacks=frozenset({"error"}), overrides=False, packed_format="awq",
                 note="GPTQModel 7.6 AWQ (GEMM format), packed with and reloaded on the awq_torch kernel "
                      "(AWQ_GEMM needs CUDA). AWQ asserts in_features % group_size == 0 (no ragged, no "
                      "pad; largest_divisor's sizes are not kernel group sizes) and its clip search needs "
-                     "out_features % 64 == 0. See tasks/quantize/engines/gptqmodel.py for 3-bit."),
+                     "out_features % 64 == 0. Layers left in dtype (skip_layer, overrides) break its "
+                     "scaling groups: with gate/up kept, down_proj's scales are applied to "
+                     "post_attention_layernorm (576 vs 1536) and the process dies. See "
+                     "tasks/quantize/engines/gptqmodel.py for 3-bit."),
             "llmcompressor": Capabilities(
                 bits=frozenset(range(2, 9)), per_channel=True,
                 fallbacks=frozenset({"largest_divisor", "skip_layer", "error"}),

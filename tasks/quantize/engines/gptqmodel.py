@@ -83,8 +83,16 @@ def awq(model: Any, calib: Any, cfg: AWQConfig, bits: int | None, group_size: in
 
     assert bits is not None and group_size is not None
     plans = plan_layers(model, bits, group_size, cfg)
+    dynamic = dynamic_overrides(plans, bits, group_size)
+    if dynamic:
+        # measured on SmolLM2 at g128 with skip_layer (gate/up kept, down_proj quantized): GPTQModel
+        # 7.6 scales post_attention_layernorm with down_proj's 1536 scales, and its worker thread's
+        # error kills the process
+        raise ValueError(f"GPTQModel AWQ quantizes every decoder linear layer at one bits / group size; "
+                         f"the plan changes {len(dynamic)} layers (e.g. {next(iter(dynamic))}), which breaks "
+                         "its scaling groups: use group_fallback error, no overrides, or engine llmcompressor")
     quant_config = QuantizeConfig(bits=bits, group_size=group_size, sym=cfg.sym, method="awq",
-                                  format="gemm", dynamic=dynamic_overrides(plans, bits, group_size) or None)
+                                  format="gemm", dynamic=None)
     return _quantize(model, calib, plans, quant_config, "awq", AWQ_BACKEND, ctx)
 
 
