@@ -235,9 +235,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.driver import run_sweep
-
     from orchestrator.cells import expand, parse_rerun
+    from orchestrator.driver import run_sweep
 
     spec = load_spec(args.spec, max_cells=args.max_cells)
     try:
