@@ -132,6 +132,13 @@ def _failure(exc: BaseException, stage: str) -> dict[str, Any]:
             "error_traceback": redact(short_traceback(exc))}
 
 
+def report_columns(report: Any) -> dict[str, Any]:
+    """What the method said about the quantization, beyond sizes and the per-layer record (the
+    same from a fresh quantization and from the artifact cache, which keeps the report)."""
+    return {"engine": report.engine, "activation_quant": report.activations,
+            "quant_details": json.dumps(report.extra, sort_keys=True, default=str) if report.extra else None}
+
+
 def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
               ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Quantize once, then evaluate and profile each dataset.
@@ -191,8 +198,6 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
             stage = "quantize"
             workdir = Path(tempfile.mkdtemp(prefix=f"qsweep-{group.group_id[:12]}-", dir=scratch_dir()))
             model, report, quant_seconds = quantize(head, state, base, calib, workdir)
-            if report.engine:
-                columns["engine"] = report.engine
             common |= columns
             if caching:
                 state.artifacts.put(group.group_id, model, report, columns)
@@ -210,6 +215,7 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
 
     with Timer(state.device) as profile_time:
         common |= profile_sizes(model, report, state.baseline_bytes)
+    common |= report_columns(report)
     common["layers"] = [{key: getattr(layer, key) for key in LAYER_FIELDS} for layer in report.layers]
     common |= {"time_load_s": load_time.seconds, "time_quantize_s": quant_seconds,
                "time_profile_s": profile_time.seconds}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +74,6 @@ def profile_sizes(model: Any, report: QuantReport, baseline_bytes: int | None = 
         "layers_fallback": sum(1 for layer in quantized if layer.fallback),
         "layers_high_precision": sum(1 for layer in report.layers if not layer.quantized),
         "fallback": report.fallback, "weight_format": report.weight_format,
-        "activation_quant": report.activations,
-        "quant_details": json.dumps(report.extra, sort_keys=True, default=str) if report.extra else None,
         "kernel": report.kernel, "model_bytes_in_memory": model_bytes(model),
         "compute_dtype": compute_dtype(model),
     }
