@@ -23,7 +23,7 @@ Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_d
   or '; '-joined flags: ``beats baseline beyond its uncertainty`` (better with p < 0.05, or by
   more than 1.96 delta_stderr when unpaired), ``non-finite metric``, ``larger than baseline``,
   ``evaluated on calibration text`` (calibration_overlap above 1%), ``no measurable change at
-  <= 4 bits`` (KL divergence from the baseline below 1e-4: the source weights may already lie on
+  <= 4 bits`` (KL divergence from the baseline below 1e-3: the source weights may already lie on
   the quantizer's grid, as SmolLM2's dequantized Q4_1 weights do at 4 bits group 32).
 - ``pareto``: the non-dominated ok cells per (model, dataset, primary metric) over quality
   (direction-aware), weight_bytes (lower) and per-token latency tpot_p50_ms (lower; a cell

@@ -247,15 +247,18 @@ def test_engine_agreement_flags_engines_that_disagree(tmp_path):
 
 def test_no_change_at_low_bits_is_flagged(tmp_path):
     """SmolLM2's weights are dequantized Q4_1 (4 bits, blocks of 32, float offset): a 4-bit g32
-    quantizer on that grid reproduces them (KL 0.0, measured with hqq and rtn zero_point float).
+    quantizer on that grid reproduces them (KL 0.0 with rtn zero_point float; 1.6e-4 with hqq,
+    whose scales and zeros are fp16; measured in sweeps/methods.yaml).
     Such a cell is flagged, never shown as a lossless 4-bit config; 8 bits with KL ~0 is not."""
     nll = [2.0, 2.1, 2.2, 2.3]
     rows = [cell("b", method="baseline", dataset="ppl", nll=nll),
             {**cell("same4", group_size=32, dataset="ppl", nll=nll), "kl_divergence": 0.0},
+            {**cell("hqq4", group_size=32, dataset="ppl", nll=nll), "kl_divergence": 1.6e-4},
             {**cell("hurt4", dataset="ppl", nll=[v + 0.1 for v in nll]), "kl_divergence": 0.3},
             {**cell("same8", bits=8, dataset="ppl", nll=nll), "kl_divergence": 0.0}]
     Store(tmp_path).write_rows(rows)
     flags = dict(connect(str(tmp_path)).execute(
         "select cell_id, anomaly from baseline_deltas where is_primary").fetchall())
     assert flags["same4"].startswith("no measurable change at <= 4 bits")
+    assert flags["hqq4"].startswith("no measurable change at <= 4 bits")
     assert flags["hurt4"] is None and flags["same8"] is None
