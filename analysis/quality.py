@@ -43,9 +43,10 @@ BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 SIGNIFICANCE = 0.05  # a quantized cell better than its baseline at this p-value is flagged
 # nats per token: a <= 4-bit cell closer to its baseline than this has not changed the model
-# measurably. Measured on SmolLM2-135M (methods sweep): its own Q4_1 grid reproduced by rtn with
-# float offsets, KL 0.0, and by hqq 4-bit g32, whose fp16 scales and zeros round it, 1.6e-4;
-# the best real 4-bit cell (gptq g16) 0.069; 8-bit rtn g16 6e-4, int8 weight-only 3e-3.
+# measurably. On SmolLM2-135M its own Q4_1 grid reproduced at 4 bits g32 gives KL 0.0 with rtn
+# float offsets (earlier run) and 1.6e-4 with hqq, whose fp16 scales and zeros round it
+# (sweeps/methods.yaml, which also measured: best real 4-bit cell, gptq g16, 0.069; 8-bit rtn
+# g16 6e-4; int8 weight-only 3e-3).
 NO_CHANGE_KL = 1e-3
 
 

@@ -248,7 +248,7 @@ def test_engine_agreement_flags_engines_that_disagree(tmp_path):
 def test_no_change_at_low_bits_is_flagged(tmp_path):
     """SmolLM2's weights are dequantized Q4_1 (4 bits, blocks of 32, float offset): a 4-bit g32
     quantizer on that grid reproduces them (KL 0.0 with rtn zero_point float; 1.6e-4 with hqq,
-    whose scales and zeros are fp16; measured in sweeps/methods.yaml).
+    whose scales and zeros are fp16, in sweeps/methods.yaml).
     Such a cell is flagged, never shown as a lossless 4-bit config; 8 bits with KL ~0 is not."""
     nll = [2.0, 2.1, 2.2, 2.3]
     rows = [cell("b", method="baseline", dataset="ppl", nll=nll),
