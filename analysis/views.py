@@ -1,6 +1,6 @@
 """DuckDB over the store: the views every query sees.
 
-- ``cells``: one row per cell (newest row per ``cell_id`` wins), every column of the row
+- ``cells``: one row per cell (its ok row if any, else its last written: ``schema.ROW_ORDER``), every column of the row
   schema except the nested ``metrics`` (see ``qsweep query "describe cells"``).
 - ``columns``: every column of the row schema with its type and definition.
 - ``metrics``: long table, one row per (cell, metric): sweep, cell_id, model, method, bits,
@@ -21,7 +21,7 @@ import duckdb
 import pyarrow as pa
 
 from analysis.derived import DERIVED_VIEWS, prepare, seal
-from orchestrator.schema import COLUMNS
+from orchestrator.schema import COLUMNS, ROW_ORDER_SQL
 from orchestrator.store import Store
 
 VIEWS = {
@@ -60,10 +60,10 @@ def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection
     con = duckdb.connect(config={"autoinstall_known_extensions": False,
                                  "autoload_known_extensions": False})
     con.register("raw_rows", Store(results).dataset(sweep))
-    con.execute("""
+    con.execute(f"""
         create or replace view latest_rows as
         select * from raw_rows
-        qualify row_number() over (partition by cell_id order by finished_at desc) = 1
+        qualify row_number() over (partition by cell_id order by {ROW_ORDER_SQL}) = 1
     """)
     prepare(con)
     for sql in VIEWS.values():

@@ -15,6 +15,11 @@ from tasks.naming import did_you_mean
 from tasks.profile.config import ProfileConfig
 from tasks.quantize.registry import get_method
 
+# The identity format's version, hashed under its historical key "schema_version": the row
+# schema's version was hashed there until schema 2, so freezing it at 1 keeps every stored
+# cell_id. Change it only when what a cell *is* changes, never for a new row column.
+IDENTITY_VERSION = 1
+
 
 def canonical_hash(payload: Any) -> str:
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
@@ -55,7 +60,7 @@ class Cell:
             **self.quant_identity(),
             "dataset": {"name": d.name, "task": d.task, "path": d.path, "limit": d.limit,
                         "settings": d.settings},
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": IDENTITY_VERSION,
         }
 
     @cached_property
@@ -66,7 +71,7 @@ class Cell:
                 "group_size": _scalar(self.group_size), "method": canonical_json(self.method),
                 "model": self.model.canonical,
                 "params": self.params_canonical or canonical_json(self.params),
-                "schema_version": _scalar(SCHEMA_VERSION), "seed": _scalar(self.seed)}
+                "schema_version": _scalar(IDENTITY_VERSION), "seed": _scalar(self.seed)}
 
     @cached_property
     def cell_id(self) -> str:

@@ -1,7 +1,8 @@
 """``qsweep``: plan, run, status and query a compression sweep.
 
 Exit codes: 0 when every cell has a final row (ok, failed, skipped); 2 for an invalid spec or
-bad arguments; 1 when the driver itself fails.
+bad arguments; 1 when the driver itself fails; 3 when another driver holds the sweep's lease
+(``qsweep run --wait`` waits for it instead).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from orchestrator.lease import LeaseHeld, acquire
 from orchestrator.spec import DEFAULT_MAX_CELLS, SpecError, load_spec
 from orchestrator.store import Store, StoreError
 from orchestrator.table import render
 
-EXIT_OK, EXIT_DRIVER, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_DRIVER, EXIT_USAGE, EXIT_HELD = 0, 1, 2, 3
 AXES = ("model", "method", "bits", "group_size", "dataset")
 
 
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(adding a dataset to a finished study does not quantize again); off by default")
     p.add_argument("--artifact-cache-gb", type=_float, default=None, metavar="GB",
                    help="size cap of the artifact cache; least recently used entries go first (default 20)")
+    p.add_argument("--wait", action="store_true",
+                   help="when another driver is running this sweep on the same results, wait for it "
+                        "to finish (or for its heartbeat to stop) instead of exiting with code 3")
     p.add_argument("--rerun", action="append", default=[], metavar="KEY=VALUE[,...]",
                    help="run the cells matching every KEY=VALUE again although they have an ok row "
                         "(after a fix or a library upgrade), e.g. --rerun method=hqq,bits=3; keys: model, "
@@ -248,7 +253,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     _artifact_cache_env(args)
     try:
         result = run_sweep(spec, store, gpus=args.gpus, cpu_actors=args.cpu_actors,
-                           progress=not args.no_progress, verbose=args.verbose, rerun=rerun)
+                           progress=not args.no_progress, verbose=args.verbose, rerun=rerun,
+                           wait=args.wait)
+    except LeaseHeld as exc:
+        print(f"qsweep run: {exc}", file=sys.stderr)
+        return EXIT_HELD
     except (StoreError, SpecError):
         raise
     except Exception:
@@ -372,7 +381,12 @@ def cmd_compact(args: argparse.Namespace) -> int:
         print(f"qsweep compact: no rows for sweep '{args.sweep}' in {store.root}", file=sys.stderr)
         return EXIT_USAGE
     for sweep in sweeps:
-        files_in, files_out = store.compact(sweep)
+        try:
+            with acquire(store.leases(), sweep):  # never beside a driver writing this sweep
+                files_in, files_out = store.compact(sweep)
+        except LeaseHeld as exc:
+            print(f"qsweep compact: {exc} (it compacts the sweep itself when it ends)", file=sys.stderr)
+            return EXIT_HELD
         print(f"{sweep}: {files_in} files -> {files_out}")
     return EXIT_OK
 

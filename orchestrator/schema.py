@@ -9,8 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute in upgrade_table
 
-SCHEMA_VERSION = 1
+# Version of the row format a row was written with (stamped on each row; never part of a cell's
+# identity). 2 added the writer's sequence (run_id, write_generation, write_seq) and checked_on.
+SCHEMA_VERSION = 2
 
 STATUSES = ("ok", "failed", "skipped", "timeout")
 ERROR_CLASSES = ("oom", "shape", "unsupported", "nan", "data", "timeout", "crash", "error")
@@ -200,7 +203,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("time_quantize_s", _F, "wall seconds to copy the base model and quantize it; shared by the cells of "
      "the group; 0 when the quantized model came from the artifact cache"),
     ("artifact_cache_hit", _B, "true: the quantized model came from the artifact cache (qsweep run "
-     "--artifact-cache); false: quantized and stored there; null: no cache"),
+     "--artifact-cache); false: quantized and stored there; null: no cache, or storing the entry "
+     "failed (logged; the rows are unaffected)"),
     ("time_evaluate_s", _F, "wall seconds of this cell's evaluation (data preparation included)"),
     ("time_profile_s", _F, "wall seconds of this cell's profile: size accounting (once per group, the "
      "same in each of its cells) plus this cell's latency, throughput and memory runs"),
@@ -208,11 +212,50 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
      "minus the actor's own wall time for it (Ray scheduling, serialisation, transport); the "
      "group's share around load+quantize is added to its first cell"),
     ("started_at", _T, "when the cell's group started on the actor"),
-    ("finished_at", _T, "when this cell's row was made; newest wins when a cell has several rows"),
+    ("finished_at", _T, "when this cell's row was made (the host's clock: never used to order rows; "
+     "see write_generation)"),
+    ("checked_on", _S, "where the preflight checks of this cell ran: 'driver <host>' (spec-level "
+     "facts: shapes, capabilities) or 'worker <host>' (facts of the machines cells run on: model "
+     "directories, dataset files, memory)"),
+    # writer's sequence: the order of a cell's rows, whatever the hosts' clocks say
+    ("run_id", _S, "the driver run that wrote this row: '<host>:<pid>:g<write_generation>'"),
+    ("write_generation", _I, "generation of the sweep's lease held by the driver that wrote this row: "
+     "each driver that takes the lease gets the previous generation + 1, so a later run always has "
+     "a larger one; null for rows written without a lease (schema 1)"),
+    ("write_seq", _I, "rows this driver run had written before this one (0, 1, 2, ...): with "
+     "write_generation, the order in which a cell's rows were written. A cell with several rows "
+     "reads as its ok row if it has one (an ok row is final unless --rerun), else its last written"),
 ]
+
+# How readers, compaction and views order a cell's rows (first = the one that counts): an ok row
+# before any other, then by the writer's sequence, then (rows of schema 1) by the clock.
+ROW_ORDER = (("status_ok", "descending"), ("write_generation", "descending"),
+             ("write_seq", "descending"), ("finished_at", "descending"))
+ROW_ORDER_SQL = ("(status = 'ok') desc, write_generation desc nulls last, write_seq desc nulls last, "
+                 "finished_at desc nulls last")
+# Columns renamed since schema 1, old name -> new name: readers map them (see upgrade_table).
+RENAMED: dict[str, str] = {}
 
 SCHEMA = pa.schema([pa.field(name, dtype, metadata={"doc": doc}) for name, dtype, doc in COLUMNS])
 COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
+
+
+def upgrade_table(table: pa.Table) -> pa.Table:
+    """A table of any earlier schema version as the current schema: renamed columns mapped
+    (the new name wins where both are set), missing columns null, unknown ones dropped."""
+    columns = {}
+    for name, dtype, _ in COLUMNS:
+        old = next((o for o, new in RENAMED.items() if new == name and o in table.column_names), None)
+        if name in table.column_names:
+            column = table.column(name)
+            if old is not None:
+                column = pa.compute.coalesce(column, table.column(old).cast(dtype))
+        elif old is not None:
+            column = table.column(old)
+        else:
+            column = pa.nulls(table.num_rows, dtype)
+        columns[name] = column.cast(dtype)
+    return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:

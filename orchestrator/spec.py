@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from tasks.evaluate.registry import KNOWN_DATASETS, TASKS, UnknownTask, get_task
 from tasks.catalog import KNOWN_MODELS
-from tasks.profile.config import ProfileConfig
+from tasks.evaluate.registry import KNOWN_DATASETS, TASKS, UnknownTask, get_task
 from tasks.naming import did_you_mean
+from tasks.profile.config import ProfileConfig
 from tasks.quantize.registry import ALL_FALLBACKS, METHODS, UnknownMethod, get_method
 
 TOP_LEVEL_KEYS = {

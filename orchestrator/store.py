@@ -4,8 +4,13 @@ Layout: ``<results>/<sweep>/cells/<cell_id>.parquet`` while running, and
 ``<results>/<sweep>/compacted/part-*.parquet`` after ``compact``. A write goes to a hidden
 temporary file in the same directory, is fsynced, then renamed over the final name, so a reader
 (or a crash) never sees a partial file. Rewriting a cell replaces its file; where a cell has
-rows in several files (between a compaction's rename and its deletes), readers keep the newest
-by ``finished_at``.
+rows in several files (between a compaction's rename and its deletes), readers keep one by
+``schema.ROW_ORDER``: an ok row before any other, then the writer's sequence (the lease
+generation of the driver that wrote it, then its counter), never the hosts' clocks.
+
+Rows of earlier schema versions are read as the current schema (``schema.upgrade_table``:
+missing columns null, renamed ones mapped); the driver holds the sweep's lease
+(``orchestrator.lease``) while it writes or compacts.
 
 ``results`` is a local or shared-filesystem path, or a URI that ``pyarrow.fs`` understands
 (``s3://bucket/prefix``, ``gs://``, ``abfs://``, ``hdfs://``; for S3-compatible servers add
@@ -30,7 +35,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from orchestrator.schema import SCHEMA, to_table
+from orchestrator.lease import LocalLeases, RemoteLeases
+from orchestrator.schema import RENAMED, ROW_ORDER, SCHEMA, to_table, upgrade_table
 
 TMP_PREFIX = ".tmp-"
 # Filesystems where one PUT creates the whole object or nothing (pyarrow's own, and fsspec's
@@ -51,6 +57,7 @@ class Store:
         self.fs: pafs.FileSystem | None = None
         if results.startswith("file://"):
             results = results.removeprefix("file://")
+        self._uri = results
         if "://" in results:
             self.fs, self.base = _filesystem(results)
             parts = urlsplit(results)
@@ -90,6 +97,12 @@ class Store:
             raise StoreError(f"results location {directory} is not writable ({exc.strerror}); "
                              "pass --results DIR with a writable directory") from None
 
+    def leases(self) -> LocalLeases | RemoteLeases:
+        """Where this store keeps its sweeps' leases (``orchestrator.lease``)."""
+        if self.fs is not None:
+            return RemoteLeases(self.fs, self.base, self._uri)
+        return LocalLeases(self.root)
+
     def write_rows(self, rows: list[dict[str, Any]]) -> list[Path]:
         """Write each row to its cell's file atomically; returns the final paths."""
         return [self._write_one(row) for row in rows]
@@ -126,7 +139,7 @@ class Store:
         if len(sources) <= 1:
             return len(sources), len(sources)
         before = {path: os.stat(path).st_ino for path in sources}
-        table = _newest(pads.dataset(sources, schema=SCHEMA, format="parquet").to_table())
+        table = _newest(_read_files(sources, None))
         table = table.sort_by([("cell_id", "ascending")])
         directory = self.root / sweep / "compacted"
         outputs = []
@@ -143,8 +156,9 @@ class Store:
 
     def _compact_remote(self, sweep: str, rows_per_file: int) -> tuple[int, int]:
         """``compact`` on a URI store: parts are PUT (atomic) before any source is deleted; a
-        source whose size or modification time changed since the listing was rewritten by a
-        writer meanwhile and is kept."""
+        source whose size changed since the listing, or whose row now carries another write
+        sequence, was rewritten meanwhile and is kept (modification times, at 1 s resolution
+        on many stores, are not compared)."""
         infos = self._listing(sweep, include_tmp=True)
         stale = time.time() - 3600
         for info in infos:
@@ -153,17 +167,20 @@ class Store:
         sources = [info for info in infos if not _is_tmp(info.path)]
         if len(sources) <= 1:
             return len(sources), len(sources)
-        dataset = pads.dataset([i.path for i in sources], schema=SCHEMA, format="parquet",
-                               filesystem=self.fs)
-        table = _newest(dataset.to_table()).sort_by([("cell_id", "ascending")])
+        paths = [i.path for i in sources]
+        read_as = _sequences(paths, self.fs)
+        table = _newest(_read_files(paths, self.fs)).sort_by([("cell_id", "ascending")])
         outputs = []
         for start in range(0, max(table.num_rows, 1), rows_per_file):
             part = f"{self.base}/{sweep}/compacted/part-{uuid.uuid4().hex}.parquet"
             _put(self.fs, part, _parquet_bytes(table.slice(start, rows_per_file)))
             outputs.append(part)
-        for info, now in zip(sources, self.fs.get_file_info([i.path for i in sources])):
-            if now.type == pafs.FileType.File and (now.size, now.mtime) == (info.size, info.mtime):
-                self._delete(info.path)
+        for info, now in zip(sources, self.fs.get_file_info(paths)):
+            if now.type != pafs.FileType.File or now.size != info.size:
+                continue  # gone, or rewritten since it was read: keep it
+            if "/cells/" in info.path and _sequences([info.path], self.fs) != {info.path: read_as[info.path]}:
+                continue  # rewritten with a row of another write sequence but the same size
+            self._delete(info.path)
         return len(sources), len(outputs)
 
     def _delete(self, path: str) -> None:
@@ -199,18 +216,54 @@ class Store:
                     pass
 
     def dataset(self, sweep: str | None = None) -> pads.Dataset:
-        return pads.dataset(self.files(sweep), schema=SCHEMA, format="parquet", filesystem=self.fs)
+        """Every row of the store (or one sweep) as the current schema, lazily where no column
+        was renamed since the oldest schema."""
+        return _dataset(self.files(sweep), self.fs)
 
     def read(self, sweep: str | None = None, columns: list[str] | None = None) -> pa.Table:
-        """All rows, newest per cell_id."""
-        wanted = columns and sorted(set(columns) | {"cell_id", "finished_at"})
+        """All rows, one per cell_id (``ROW_ORDER``)."""
+        order = {key for key, _ in ROW_ORDER if key != "status_ok"} | {"status", "cell_id"}
+        wanted = columns and sorted(set(columns) | order)
         return _newest(self.dataset(sweep).to_table(columns=wanted))
 
 
+def _dataset(paths: list[str], fs: pafs.FileSystem | None) -> pads.Dataset:
+    if not RENAMED:  # the current schema reads every older file: missing columns come back null
+        return pads.dataset(paths, schema=SCHEMA, format="parquet", filesystem=fs)
+    legacy = [pa.field(old, SCHEMA.field(new).type) for old, new in RENAMED.items()]
+    raw = pads.dataset(paths, schema=pa.schema(list(SCHEMA) + legacy), format="parquet", filesystem=fs)
+    return pads.dataset(upgrade_table(raw.to_table()))
+
+
+def _read_files(paths: list[str], fs: pafs.FileSystem | None) -> pa.Table:
+    return _dataset(paths, fs).to_table()
+
+
+def _sequences(paths: list[str], fs: pafs.FileSystem | None) -> dict[str, list[tuple]]:
+    """Per file, its rows' (cell_id, write_generation, write_seq) as they are now."""
+    try:
+        table = pads.dataset(paths, schema=SCHEMA, format="parquet", filesystem=fs).to_table(
+            columns=["cell_id", "write_generation", "write_seq", "__filename"])
+    except (OSError, pa.ArrowInvalid):
+        return {}
+    found: dict[str, list[tuple]] = {}
+    for cell_id, generation, seq, path in zip(*(c.to_pylist() for c in table.columns)):
+        found.setdefault(path, []).append((cell_id, generation, seq))
+    return {path: sorted(rows) for path, rows in found.items()}
+
+
 def _newest(table: pa.Table) -> pa.Table:
+    """One row per cell_id, the first by ``ROW_ORDER``."""
     if table.num_rows == 0:
         return table
-    table = table.take(pc.sort_indices(table, [("finished_at", "descending")]))
+    ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).cast(pa.int8())
+    keyed = table.append_column("status_ok", ok)
+    keys = [(key, order) for key, order in ROW_ORDER if key in keyed.column_names]
+    try:  # pyarrow >= 25: null placement per key
+        order = pc.sort_indices(keyed, [(key, direction, "at_end") for key, direction in keys])
+    except (TypeError, ValueError, pa.ArrowInvalid):
+        order = pc.sort_indices(keyed, keys, null_placement="at_end")
+    table = table.take(order)
     seen, keep = set(), []
     for i, cell_id in enumerate(table.column("cell_id").to_pylist()):
         if cell_id not in seen:

@@ -11,7 +11,11 @@ quantized module (``model.pt``, torch's pickle: this cache is written and read o
 this machine), the method's report and row columns (``report.pt``) and the checkpoint the method
 saved, if any (``checkpoint/``), which ``qsweep export`` copies. Entries are written to a
 temporary folder and renamed, so a crash leaves no half entry; past the cap the least recently
-used entries are removed.
+used entries are removed. The folder is named ``<group_id>-<device type>`` (a model quantized on
+a GPU can hold CUDA-only packed modules), and an entry loads onto the reader's device
+(``map_location``: ``cuda:1`` reads what ``cuda:0`` wrote). The cache can never fail a group: a
+``put`` that cannot finish (no space, an entry another actor published first, a model that does
+not pickle) is logged and skipped, and an unreadable entry is a miss.
 
 Environment (set by ``qsweep run --artifact-cache``; forwarded to actors):
 ``QSWEEP_ARTIFACT_CACHE`` (folder) and ``QSWEEP_ARTIFACT_CACHE_GB`` (cap, default 20).
@@ -59,13 +63,16 @@ class ArtifactCache:
         cap = float(os.environ.get("QSWEEP_ARTIFACT_CACHE_GB") or DEFAULT_CAP_GB)
         return cls(root, int(cap * 2**30))
 
-    def get(self, group_id: str) -> Artifact | None:
-        entry = self.root / group_id
+    def entry(self, group_id: str, device: str) -> Path:
+        return self.root / f"{group_id}-{torch.device(device).type}"
+
+    def get(self, group_id: str, device: str = "cpu") -> Artifact | None:
+        entry = self.entry(group_id, device)
         if not (entry / "report.pt").is_file():
             return None
         try:
-            saved = torch.load(entry / "report.pt", weights_only=False)
-            model = torch.load(entry / "model.pt", weights_only=False)
+            saved = torch.load(entry / "report.pt", weights_only=False, map_location=device)
+            model = torch.load(entry / "model.pt", weights_only=False, map_location=device)
         except Exception as exc:  # noqa: BLE001 - a bad entry is a miss, and is removed
             log.warning("artifact cache: entry %s unreadable (%s); quantizing again", group_id, exc)
             shutil.rmtree(entry, ignore_errors=True)
@@ -76,30 +83,41 @@ class ArtifactCache:
             report.checkpoint_dir = str(entry / "checkpoint")
         return Artifact(model, report, saved["columns"])
 
-    def put(self, group_id: str, model: Any, report: Any, columns: dict[str, Any]) -> None:
-        """Store an entry (skipped, with a warning, when it alone exceeds the cap)."""
-        entry = self.root / group_id
+    def put(self, group_id: str, model: Any, report: Any, columns: dict[str, Any],
+            device: str = "cpu") -> bool:
+        """Store an entry; False (with a warning) when it was not stored: it alone exceeds the
+        cap, or writing it failed. Never raises for the cache's own reasons."""
+        entry = self.entry(group_id, device)
         if entry.exists():
-            return
-        staging = Path(tempfile.mkdtemp(prefix=f".{group_id[:12]}-", dir=self.root))
+            return False
+        staging = None
         try:
-            torch.save(model, staging / "model.pt")
-            checkpoint = report.checkpoint_dir
-            if checkpoint and Path(checkpoint).is_dir():
-                shutil.copytree(checkpoint, staging / "checkpoint")
-            stored = report.__class__(**{**vars(report), "model": None, "checkpoint_dir": None})
-            torch.save({"report": stored, "columns": columns}, staging / "report.pt")
-            size = _folder_bytes(staging)
-            if size > self.cap_bytes:
-                log.warning("artifact cache: %s is %.2f GB, over the cap of %.2f GB; not cached",
-                            group_id, size / 2**30, self.cap_bytes / 2**30)
-                return
-            staging.rename(entry)
-            staging = None
-            self._evict(keep=entry)
+            staging = Path(tempfile.mkdtemp(prefix=f".{group_id[:12]}-", dir=self.root))
+            return self._stage(staging, entry, model, report, columns)
+        except Exception as exc:  # noqa: BLE001 - a cache failure must not fail the group
+            log.warning("artifact cache: %s not stored (%s: %s); the group's rows are kept",
+                        entry.name, type(exc).__name__, str(exc)[:300])
+            return False
         finally:
-            if staging is not None:
+            if staging is not None and staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _stage(self, staging: Path, entry: Path, model: Any, report: Any, columns: dict[str, Any]) -> bool:
+        """Write the entry into ``staging`` and publish it as ``entry`` by rename."""
+        torch.save(model, staging / "model.pt")
+        checkpoint = report.checkpoint_dir
+        if checkpoint and Path(checkpoint).is_dir():
+            shutil.copytree(checkpoint, staging / "checkpoint")
+        stored = report.__class__(**{**vars(report), "model": None, "checkpoint_dir": None})
+        torch.save({"report": stored, "columns": columns}, staging / "report.pt")
+        size = _folder_bytes(staging)
+        if size > self.cap_bytes:
+            log.warning("artifact cache: %s is %.2f GB, over the cap of %.2f GB; not cached",
+                        entry.name, size / 2**30, self.cap_bytes / 2**30)
+            return False
+        staging.rename(entry)  # fails when another actor published this entry first
+        self._evict(keep=entry)
+        return True
 
     def _evict(self, keep: Path) -> None:
         entries = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]

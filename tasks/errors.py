@@ -19,10 +19,29 @@ class NonFiniteError(Exception):
     """Non-finite weights, scales or metrics."""
 
 
+class DeviceLost(Exception):
+    """A sticky accelerator error: the CUDA context of this process is unusable, every later
+    kernel fails. The actor must exit (Ray replaces it) and the cell is retried on a fresh one."""
+
+
+# CUDA errors after which the context stays broken (they are "sticky"); a plain CUDA OOM is not.
+STICKY_DEVICE_ERROR = re.compile(
+    r"illegal memory access|device-side assert|unspecified launch failure|misaligned address|"
+    r"illegal instruction|uncorrectable ECC|cudaErrorLaunchFailure|CUDA error: unknown error|"
+    r"\bXid\b|GPU has fallen off the bus|CUBLAS_STATUS_EXECUTION_FAILED",
+    re.IGNORECASE)
+
+
+def is_sticky_device_error(exc: BaseException) -> bool:
+    return isinstance(exc, DeviceLost) or bool(STICKY_DEVICE_ERROR.search(str(exc)))
+
+
 def classify(exc: BaseException) -> str:
     """Map an exception to one of the row's error classes."""
     import torch  # the worker side only
 
+    if is_sticky_device_error(exc):
+        return "crash"
     text = str(exc).lower()
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text:
         return "oom"

@@ -67,7 +67,7 @@ def export_cell(row: dict[str, Any], out: Path, state: Any = None) -> dict[str, 
     state = state or WorkerState()
     base, tokenizer = state.base_model(cell.model.path, cell.model.dtype)
     group_id = row["group_id"]
-    cached = state.artifacts.get(group_id) if state.artifacts and info.in_place else None
+    cached = state.artifacts.get(group_id, state.device) if state.artifacts and info.in_place else None
     workdir = Path(tempfile.mkdtemp(prefix=f"qsweep-export-{group_id[:12]}-", dir=scratch_dir()))
     try:
         if cached is not None:

@@ -28,7 +28,7 @@ from orchestrator.cells import Group
 from orchestrator.schema import LAYER
 from tasks.artifacts import ArtifactCache
 from tasks.calibration import Calibration, activation_stats, calibration_overlap, load_calibration
-from tasks.errors import NonFiniteError, classify, redact, short_traceback
+from tasks.errors import DeviceLost, NonFiniteError, classify, is_sticky_device_error, redact, short_traceback
 from tasks.evaluate.reference import BaselineLogprobs
 from tasks.evaluate.registry import get_task
 from tasks.models import cache_dir, load_model, resolve_model_path
@@ -127,6 +127,11 @@ def versions() -> str:
 
 
 def _failure(exc: BaseException, stage: str) -> dict[str, Any]:
+    """The failure columns of a row; a sticky device error is no row: it raises ``DeviceLost``
+    so that the process hosting this worker exits and the cell runs again on a fresh one."""
+    if is_sticky_device_error(exc):
+        log.error("stage %s: sticky device error, this process cannot compute any more: %s", stage, exc)
+        raise DeviceLost(redact(f"{type(exc).__name__}: {exc}")[:2000]) from exc
     return {"status": "failed", "error_class": classify(exc), "error_stage": stage,
             "error_message": redact(f"{type(exc).__name__}: {exc}")[:2000],
             "error_traceback": redact(short_traceback(exc))}
@@ -178,7 +183,7 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
             return
         calib, calib_ids = None, None
         caching = state.artifacts is not None and info.in_place  # the baseline is never cached
-        cached = state.artifacts.get(group.group_id) if caching else None
+        cached = state.artifacts.get(group.group_id, state.device) if caching else None
         if cached is not None:  # quantized by an earlier run: no calibration, no quantization
             model, report, quant_seconds = cached.model, cached.report, 0.0
             common |= cached.columns | {"artifact_cache_hit": True}
@@ -199,9 +204,9 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
             workdir = Path(tempfile.mkdtemp(prefix=f"qsweep-{group.group_id[:12]}-", dir=scratch_dir()))
             model, report, quant_seconds = quantize(head, state, base, calib, workdir)
             common |= columns
-            if caching:
-                state.artifacts.put(group.group_id, model, report, columns)
-                common["artifact_cache_hit"] = False
+            if caching:  # never fails the group: a put that cannot finish is logged and skipped
+                stored = state.artifacts.put(group.group_id, model, report, columns, state.device)
+                common["artifact_cache_hit"] = False if stored else None
     except Exception as exc:  # noqa: BLE001 - failures are rows
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)

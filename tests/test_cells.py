@@ -25,7 +25,7 @@ def ids(raw):
 
 
 def test_cell_id_is_stable():
-    # Golden value: changing it silently would re-run every stored study. Bump SCHEMA_VERSION
+    # Golden value: changing it silently would re-run every stored study. Bump IDENTITY_VERSION
     # (and this value) only on purpose.
     cells = expand(parse_spec(BASE))
     baseline = next(c for c in cells if c.method == "baseline" and c.dataset.name == "a")

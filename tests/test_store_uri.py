@@ -3,6 +3,7 @@ filesystem. Per-cell writes, compaction, resume and DuckDB queries over the same
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -154,6 +155,11 @@ def test_sweep_results_on_s3_then_queried(tmp_path, s3_endpoint, tiny_llama, tex
                                          "rtn,ok,token_perplexity"]
     s3 = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http", access_key="testing",
                            secret_key="testing", region="us-east-1")
-    keys = [i.path for i in s3.get_file_info(pafs.FileSelector("results/sweeps", recursive=True))
-            if i.type == pafs.FileType.File]
-    assert len(keys) == 1 and keys[0].startswith("results/sweeps/on-s3/compacted/part-")
+    keys = sorted(i.path for i in s3.get_file_info(pafs.FileSelector("results/sweeps", recursive=True))
+                  if i.type == pafs.FileType.File)
+    assert len(keys) == 2 and keys[0].startswith("results/sweeps/on-s3/compacted/part-")
+    # the second run took the next generation of the sweep's lease (a conditional PUT) and
+    # released it; the first run's lease object was pruned
+    assert keys[1] == "results/sweeps/on-s3/leases/lease-000000000002.json"
+    with s3.open_input_stream(keys[1]) as f:
+        assert json.loads(f.read())["released"] is True

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import DataError
+from tasks.locations import is_local
 
 FIXTURES = Path(__file__).parent / "fixtures"
-LOCAL_SUFFIXES = {".txt", ".jsonl", ".json", ".parquet"}
 
 
 def local_file(path: str) -> Path | None:
@@ -34,7 +34,7 @@ def local_file(path: str) -> Path | None:
     local = Path(path).expanduser()
     if local.exists():
         return local
-    if path.startswith((".", "/", "~")) or local.suffix in LOCAL_SUFFIXES:
+    if is_local(path):
         raise DataError(f"dataset file {path} does not exist")
     return None
 

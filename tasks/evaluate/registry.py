@@ -9,8 +9,9 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.naming import did_you_mean
 from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.naming import did_you_mean
 
 
 class TaskConfig(BaseModel):
