@@ -1,6 +1,7 @@
 """The results store: one Parquet file per finished cell, written atomically.
 
-Layout: ``<results>/<sweep>/cells/<cell_id>.parquet`` while running, and
+Layout: ``<results>/<sweep>/cells/<cell_id>[.<status>].parquet`` while running (see
+``cell_file_name``), and
 ``<results>/<sweep>/compacted/part-*.parquet`` after ``compact``. A write goes to a hidden
 temporary file in the same directory, is fsynced, then renamed over the final name, so a reader
 (or a crash) never sees a partial file. Rewriting a cell replaces its file; where a cell has
@@ -108,12 +109,13 @@ class Store:
         return [self._write_one(row) for row in rows]
 
     def _write_one(self, row: dict[str, Any]) -> Path | str:
+        name = cell_file_name(row)
         if self.fs is not None:
-            path = f"{self.base}/{row['sweep']}/cells/{row['cell_id']}.parquet"
+            path = f"{self.base}/{row['sweep']}/cells/{name}"
             _put(self.fs, path, _parquet_bytes(to_table([row])))
             return path
         directory = self.cells_dir(row["sweep"])
-        return _atomic_write(to_table([row]), directory / f"{row['cell_id']}.parquet")
+        return _atomic_write(to_table([row]), directory / name)
 
     def files(self, sweep: str | None = None) -> list[str]:
         """Finished files, per-cell and compacted (temporary files are never listed); paths
@@ -225,6 +227,14 @@ class Store:
         order = {key for key, _ in ROW_ORDER if key != "status_ok"} | {"status", "cell_id"}
         wanted = columns and sorted(set(columns) | order)
         return _newest(self.dataset(sweep).to_table(columns=wanted))
+
+
+def cell_file_name(row: dict[str, Any]) -> str:
+    """``<cell_id>.parquet`` for an ok row, ``<cell_id>.<status>.parquet`` for any other: a
+    lesser row never replaces an ok row's file; readers rank the rows (``ROW_ORDER``) and
+    compaction removes the losers."""
+    status = row["status"]
+    return f"{row['cell_id']}.parquet" if status == "ok" else f"{row['cell_id']}.{status}.parquet"
 
 
 def _dataset(paths: list[str], fs: pafs.FileSystem | None) -> pads.Dataset:

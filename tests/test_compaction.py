@@ -16,17 +16,19 @@ def raw_count(results) -> int:
 
 def test_compact_merges_and_keeps_newest(tmp_path):
     store = Store(tmp_path)
-    store.write_rows([row(f"c{i}", minutes=i) for i in range(20)])
-    store.write_rows([row("c3", status="failed", minutes=100)])
-    assert len(store.files("s")) == 20
-    assert store.compact("s") == (20, 1)
+    store.write_rows([row(f"c{i}", minutes=i) for i in range(20) if i != 3])
+    store.write_rows([row("c3", status="failed", minutes=1), row("c3", status="timeout", minutes=100)])
+    assert len(store.files("s")) == 21  # a failed and a timeout row of c3: one file each
+    assert store.compact("s") == (21, 1)
     assert len(store.files("s")) == 1 and raw_count(tmp_path) == 20
     con = connect(str(tmp_path))
     assert con.execute("select count(*) from cells").fetchone() == (20,)
-    assert con.execute("select status from cells where cell_id='c3'").fetchone() == ("failed",)
-    # New cells after a compaction, and a second compaction that folds the old part in.
+    assert con.execute("select status from cells where cell_id='c3'").fetchone() == ("timeout",)
+    # New cells after a compaction, and a second compaction that folds the old part in; an ok
+    # row outranks the failures, and a failure written after it does not replace it.
     store.write_rows([row("c3", status="ok", minutes=200), row("c99", minutes=200)])
-    assert store.compact("s") == (3, 1)
+    store.write_rows([row("c3", status="failed", minutes=300)])
+    assert store.compact("s") == (4, 1)
     assert raw_count(tmp_path) == 21
     assert connect(str(tmp_path)).execute("select status from cells where cell_id='c3'").fetchone() == ("ok",)
 

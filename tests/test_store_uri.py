@@ -72,10 +72,12 @@ def test_s3_writes_compacts_and_queries(s3_endpoint, aws_env):
     store = Store(uri)
     assert store.root == "s3://results/unit"  # the query (which may hold secrets) is not shown
     store.check_writable("s")
-    store.write_rows([row(f"c{i}", minutes=i) for i in range(6)])
-    store.write_rows([row("c3", status="failed", minutes=100)])  # replaces c3's object
+    store.write_rows([row(f"c{i}", minutes=i) for i in range(6) if i != 3])
+    store.write_rows([row("c3", status="failed", minutes=1)])
+    store.write_rows([row("c3", status="failed", minutes=100, value=2.0)])  # replaces c3's object
     assert len(store.files("s")) == 6 and all(f.startswith("results/unit/s/cells/") for f in store.files())
-    assert connect(uri).execute("select status from cells where cell_id='c3'").fetchone() == ("failed",)
+    assert connect(uri).execute("select status, primary_value from cells where cell_id='c3'").fetchone() == (
+        "failed", 2.0)
 
     assert store.compact("s") == (6, 1)
     assert [f.split("/")[-2] for f in store.files("s")] == ["compacted"]
