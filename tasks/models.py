@@ -18,6 +18,7 @@ from typing import Any
 
 from tasks.catalog import KNOWN_MODELS
 from tasks.errors import DataError
+from tasks.locations import is_local
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,11 @@ def cache_dir() -> Path:
 
 
 def resolve_model_path(path: str) -> str:
-    """A local directory or hub id to load from; ``known:<name>`` is prepared on first use."""
-    if not path.startswith("known:"):
-        return path
-    return str(prepare_known_model(path.removeprefix("known:")))
+    """A local directory (``~`` expanded, on the machine that loads it) or hub id to load from;
+    ``known:<name>`` is prepared on first use."""
+    if path.startswith("known:"):
+        return str(prepare_known_model(path.removeprefix("known:")))
+    return str(Path(path).expanduser()) if is_local(path) else path
 
 
 def prepare_known_model(name: str) -> Path:

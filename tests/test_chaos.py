@@ -1,5 +1,6 @@
 """Chaos: kill -9 an actor, then the driver, during a real local sweep; run again; the store is
-complete and duplicate-free."""
+complete and duplicate-free, no finished row was replaced, the dead driver's lease was taken over
+at once, and a third driver started beside the second one refused to run."""
 
 from __future__ import annotations
 
@@ -84,9 +85,28 @@ def test_actor_and_driver_killed_mid_sweep(tmp_path, tiny_llama):
         "select count(*) from cells where error_class = 'crash'").fetchone()[0]
     assert crashed >= 1 and interrupted > done  # the actor's death is on record already
 
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
-    assert f"ran {total - done} cells" in again.stdout
+    finished = set(connect(str(results)).execute(
+        "select cell_id, actor, write_generation, write_seq from cells where status = 'ok'").fetchall())
+    assert {r[2] for r in finished} == {1}
+
+    # the killed driver's lease (its process is gone) is taken over at once
+    again = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (Store(results).leases().current("chaos") or _Gen0()).generation == 2, 120,
+                 "the second driver's lease")
+        third = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert third.returncode == 3 and f"held by pid {again.pid}" in third.stderr, third.stderr[-2000:]
+        out, err = again.communicate(timeout=600)
+    finally:
+        if again.poll() is None:
+            again.kill()
+    assert again.returncode == 0, out[-2000:] + err[-3000:]
+    assert f"ran {total - done} cells" in out
+    # every ok row of the interrupted run is still the one it wrote
+    after = set(connect(str(results)).execute(
+        "select cell_id, actor, write_generation, write_seq from cells where write_generation = 1").fetchall())
+    assert after == finished
 
     rows = rows_now(results)
     assert len(rows) == total and len({r[0] for r in rows}) == total
@@ -96,6 +116,10 @@ def test_actor_and_driver_killed_mid_sweep(tmp_path, tiny_llama):
     assert con.execute("select count(*) from cells where status = 'ok'").fetchone() == (total,)
     retried = con.execute("select count(*) from cells where attempts >= 2").fetchone()[0]
     assert retried >= 1  # the cell the killed actor was running ran again
+
+
+class _Gen0:
+    generation = 0
 
 
 def _group_alive(pgid: int) -> bool:
