@@ -12,7 +12,12 @@ Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_d
   ``relative_drop_pct``, ``recovery_pct`` (100 * value / baseline when higher is better,
   100 * baseline / value when lower is better), ``delta_stderr`` (paired from the per-example
   records when both cells have them, else sqrt(se^2 + se_baseline^2)), ``paired_n``,
-  ``test`` (mcnemar | paired-bootstrap | null), ``p_value``, ``discordant_better`` /
+  ``test`` (the test that ran: sign-flip-exact | sign-flip-monte-carlo | mcnemar-exact |
+  mcnemar-chi2-cc | null; analysis.quality), ``p_value``, ``p_value_resolution`` (the smallest
+  p-value that test could give here), ``paired_unit`` (the per-example record paired, e.g.
+  window_nll) with ``paired_ci95_low`` / ``paired_ci95_high`` (95% interval of the mean paired
+  difference in that unit, inverting the sign-flip test; null when unbounded or for McNemar),
+  ``discordant_better`` /
   ``discordant_worse`` (McNemar's pairs), size (weight_bytes, baseline_weight_bytes,
   ``weight_change_pct``, ``compression_ratio`` = baseline / quantized, bits_per_weight),
   speed and memory (kernel, weight_format, ``speed_claim`` = false for a dequantized
@@ -33,7 +38,7 @@ Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_d
 - ``engine_agreement``: the same cell quantized by two engines (method, bits, group size and
   parameters equal but ``engine``; a ``group_fallback`` no layer needed is ignored): both primary
   values, ``delta``, ``delta_stderr`` (paired over the per-example records when both have them,
-  else from the two stderrs), ``p_value`` (paired bootstrap) and ``disagree``: the engines differ
+  else from the two stderrs), ``p_value`` and ``test`` (paired sign-flip) and ``disagree``: the engines differ
   beyond their uncertainty (p < 0.05, or |delta| > 1.96 delta_stderr when unpaired).
 - ``table1``: the seed paper's Table 1 shape, one row per baseline (model, dataset, metric):
   baseline_score, best_quantized_score (best primary score among quantized cells with no
@@ -49,7 +54,7 @@ import weakref
 
 import duckdb
 
-from analysis.quality import NO_CHANGE_KL, SIGNIFICANCE, directions_table, paired_bootstrap_p
+from analysis.quality import NO_CHANGE_KL, SIGNIFICANCE, directions_table, mcnemar_test, sign_flip_test
 
 CONFIG_LABEL = """{t}method || coalesce('(' || nullif(regexp_replace({t}method_params, '[{{}}" ]', '', 'g'), '') || ')', '')
        || coalesce(' w' || {t}bits, '') || coalesce(' g' || {t}group_size, '')"""
@@ -104,7 +109,6 @@ DERIVED_VIEWS = {
         ),
         tested as (
             select p.*, t.n as paired_n,
-                   case when t.n > 0 then p.test end as paired_test,
                    case when t.n is null then sqrt(p.stderr ^ 2 + p.baseline_stderr ^ 2)
                         when p.scale = 'exp' then sqrt(greatest(exp(2 * t.mean_q) * t.var_q + exp(2 * t.mean_b) * t.var_b
                                                                 - 2 * exp(t.mean_q + t.mean_b) * t.cov_qb, 0) / t.n)
@@ -112,17 +116,20 @@ DERIVED_VIEWS = {
                    case when p.higher_is_better then t.q_higher else t.q_lower end as discordant_better,
                    case when p.higher_is_better then t.q_lower else t.q_higher end as discordant_worse,
                    case when t.n is null then null
-                        when p.test = 'mcnemar' then least(1.0, 2 * list_sum(
-                            [exp(lgamma(t.q_higher + t.q_lower + 1) - lgamma(k + 1)
-                                 - lgamma(t.q_higher + t.q_lower - k + 1) - (t.q_higher + t.q_lower) * ln(2))
-                             for k in range(0, least(t.q_higher, t.q_lower) + 1)]))
-                        when p.test = 'paired-bootstrap' then qsweep_paired_bootstrap_p(t.diffs) end as p_value
+                        when p.test = 'mcnemar' then qsweep_mcnemar(t.q_higher, t.q_lower)
+                        when p.test = 'sign-flip' then qsweep_sign_flip(t.diffs) end as paired
             from pairs p left join paired t on t.cell_id = p.cell_id and t.metric = p.metric
+        ),
+        tested_out as (
+            select * exclude (paired), paired.test as test_used, paired.p_value as p_value,
+                   paired.resolution as p_value_resolution, paired.ci95_low as paired_ci95_low,
+                   paired.ci95_high as paired_ci95_high
+            from tested
         ),
         scored as (
             select *, value - baseline_value as delta,
                    case when higher_is_better then baseline_value - value else value - baseline_value end as quality_drop
-            from tested
+            from tested_out
         )
         select sweep, cell_id, model, method, method_params, bits, group_size, config, dataset,
                metric, is_primary, higher_is_better, baseline_cell_id, baseline_value, value, delta,
@@ -130,7 +137,9 @@ DERIVED_VIEWS = {
                quality_drop, 100 * quality_drop / nullif(abs(baseline_value), 0) as relative_drop_pct,
                case when higher_is_better then 100 * value / nullif(baseline_value, 0)
                     else 100 * baseline_value / nullif(value, 0) end as recovery_pct,
-               delta_stderr, paired_n, paired_test as test, p_value, discordant_better, discordant_worse,
+               delta_stderr, paired_n, test_used as test, p_value, p_value_resolution,
+               example_metric as paired_unit, paired_ci95_low, paired_ci95_high,
+               discordant_better, discordant_worse,
                weight_bytes, baseline_weight_bytes,
                100 * (weight_bytes / nullif(baseline_weight_bytes, 0) - 1) as weight_change_pct,
                baseline_weight_bytes / nullif(weight_bytes, 0) as compression_ratio, bits_per_weight,
@@ -222,7 +231,8 @@ DERIVED_VIEWS = {
                              when t.n > 1 then sqrt(t.var_diff / t.n) end,
                         sqrt(p.stderr_a ^ 2 + p.stderr_b ^ 2)) as delta_stderr,
                case when t.n > 1 then 'paired' else 'unpaired' end as stderr_kind,
-               case when t.n > 1 then qsweep_paired_bootstrap_p(t.diffs) end as p_value,
+               case when t.n > 1 then (qsweep_sign_flip(t.diffs)).p_value end as p_value,
+               case when t.n > 1 then (qsweep_sign_flip(t.diffs)).test end as test,
                p.cell_a, p.cell_b
         from pairs p
         join metric_directions d on d.metric = p.metric
@@ -266,13 +276,26 @@ DERIVED_VIEWS = {
 
 def prepare(con: duckdb.DuckDBPyConnection) -> None:
     """What the derived views need before they are created: the direction table and the
-    paired-bootstrap function."""
+    paired tests (analysis.quality), each returning a struct (test, p_value, resolution,
+    ci95_low, ci95_high)."""
     con.register("metric_directions", directions_table())
-    con.create_function("qsweep_paired_bootstrap_p", paired_bootstrap_p, ["DOUBLE[]"], "DOUBLE",
-                        side_effects=False)
+    result = duckdb.struct_type({"test": "VARCHAR", "p_value": "DOUBLE", "resolution": "DOUBLE",
+                                 "ci95_low": "DOUBLE", "ci95_high": "DOUBLE"})
+    con.create_function("qsweep_sign_flip", _sign_flip_row, ["DOUBLE[]"], result, side_effects=False,
+                        null_handling="special")
+    con.create_function("qsweep_mcnemar", _mcnemar_row, ["BIGINT", "BIGINT"], result, side_effects=False)
     # A connection holding a Python function must be closed before the interpreter exits.
     ref = weakref.ref(con)
     atexit.register(lambda: (c := ref()) is not None and c.close())
+
+
+def _sign_flip_row(diffs: list[float] | None) -> dict | None:
+    result = sign_flip_test(diffs)
+    return None if result is None else vars(result)
+
+
+def _mcnemar_row(higher: int, lower: int) -> dict:
+    return vars(mcnemar_test(higher, lower))
 
 
 def seal(con: duckdb.DuckDBPyConnection) -> None:

@@ -35,13 +35,13 @@ UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 CANDIDATES = """
     select model, config, cell_id, method, bits, group_size, value, baseline_value, quality_drop,
-           relative_drop_pct, recovery_pct, delta_stderr, test, p_value, paired_n, weight_bytes,
+           relative_drop_pct, recovery_pct, delta_stderr, test, p_value, p_value_resolution, paired_n, weight_bytes,
            bits_per_weight, weight_change_pct, memory_bytes, memory_kind, tpot_p50_ms, kernel,
            speed_claim, anomaly
     from baseline_deltas where dataset = $dataset and metric = $metric
     union all
     select c.model, 'baseline', c.cell_id, c.method, c.bits, c.group_size, m.value, m.value, 0, 0, 100,
-           null, null, null, null, c.weight_bytes, c.bits_per_weight, 0,
+           null, null, null, null, null, c.weight_bytes, c.bits_per_weight, 0,
            coalesce(c.nvml_peak_process_bytes, c.cuda_peak_reserved_bytes, c.peak_rss_bytes),
            case when c.nvml_peak_process_bytes is not null then 'nvml_peak_process_bytes'
                 when c.cuda_peak_reserved_bytes is not null then 'cuda_peak_reserved_bytes'
@@ -180,6 +180,8 @@ def evidence(row: dict[str, Any], metric: str) -> str:
             drop += f" ± {row['delta_stderr']:.2g}"
         if row["p_value"] is not None:
             drop += f", {row['test']} p={row['p_value']:.3g} over {row['paired_n']} paired examples"
+            if row["p_value_resolution"]:
+                drop += f" (smallest attainable {row['p_value_resolution']:.3g})"
         parts.append(drop + f"; recovery {row['recovery_pct']:.1f}%")
     if row["weight_bytes"] is not None:
         size = f"weights {human_bytes(row['weight_bytes'])}"

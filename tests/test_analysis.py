@@ -10,7 +10,7 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from analysis.quality import mcnemar_p, paired_bootstrap_p
+from analysis.quality import mcnemar_p, sign_flip_p
 from analysis.recommend import Budget, BudgetError, parse_bytes, recommend
 from analysis.views import connect
 from orchestrator.cli import main
@@ -91,7 +91,7 @@ def test_baseline_deltas_values_and_paired_tests(store):
     delta, drop, recovery, test, p, better, worse, n, anomaly = rows["q4g64"]
     assert delta == pytest.approx(-0.025) and drop == pytest.approx(0.025)
     assert recovery == pytest.approx(100 * 29 / 30)
-    assert (test, better, worse, n) == ("mcnemar", 0, 1, 40)
+    assert (test, better, worse, n) == ("mcnemar-exact", 0, 1, 40)
     assert p == pytest.approx(mcnemar_p(0, 1)) and anomaly is None
     # 10 discordant pairs, all in the quantized cell's favour: p = 2 / 2^10
     assert rows["lucky"][4] == pytest.approx(2 / 1024)
@@ -99,23 +99,29 @@ def test_baseline_deltas_values_and_paired_tests(store):
     assert rows["big"][8] == "larger than baseline"
     assert "non-finite metric" in rows["nan"][8]
     assert "oom" not in rows and "skip" not in rows  # only ok cells are compared
-    # perplexity: lower is better, recovery = baseline / quantized, paired bootstrap on window NLL
+    # perplexity: lower is better, recovery = baseline / quantized, sign-flip test on window NLL:
+    # 6 equal differences, exact over 2^6 patterns, only the all-plus and all-minus as extreme
     p4 = rows["p4"]
     assert p4[1] > 0 and p4[2] == pytest.approx(100 * math.exp(2.25) / math.exp(2.35))
-    assert p4[3] == "paired-bootstrap" and p4[4] == pytest.approx(paired_bootstrap_p([0.1] * 6))
+    assert p4[3] == "sign-flip-exact" and p4[4] == pytest.approx(2 / 64) == sign_flip_p([0.1] * 6)
     assert p4[8] is None
+    (resolution, unit, low, high), = con.execute(
+        "select p_value_resolution, paired_unit, paired_ci95_low, paired_ci95_high from baseline_deltas "
+        "where cell_id = 'p4'").fetchall()
+    assert resolution == pytest.approx(2 / 64) and unit == "window_nll"
+    assert low == pytest.approx(0.1) and high == pytest.approx(0.1)  # no spread: a point
 
 
 def test_paired_statistics():
     assert mcnemar_p(0, 0) == 1.0
     assert mcnemar_p(5, 0) == pytest.approx(0.0625)
     assert mcnemar_p(3, 3) == 1.0
-    assert paired_bootstrap_p([0.0] * 5) == 1.0
+    assert sign_flip_p([0.0] * 5) == 1.0
     rng = random.Random(0)
     noise = [rng.gauss(0, 1) for _ in range(200)]
-    assert paired_bootstrap_p(noise) > 0.05           # no shift: not significant
-    assert paired_bootstrap_p([x + 1 for x in noise]) < 0.01
-    assert paired_bootstrap_p(noise) == paired_bootstrap_p(noise)  # deterministic
+    assert sign_flip_p(noise) > 0.05           # no shift: not significant
+    assert sign_flip_p([x + 1 for x in noise]) < 0.01
+    assert sign_flip_p(noise) == sign_flip_p(noise)  # deterministic
 
 
 def test_pareto_matches_brute_force(tmp_path):
@@ -180,7 +186,7 @@ def test_recommend_cli(store, capsys):
     assert main(["recommend", "--results", store, "--dataset", "bq", "--max-drop", "0.1",
                  "--max-weight-bytes", "200MB"]) == 0
     out = capsys.readouterr().out
-    assert "1. m rtn(sym:true) w4 g128" in out and "mcnemar p=" in out and "not a packed-kernel claim" in out
+    assert "1. m rtn(sym:true) w4 g128" in out and "mcnemar-exact p=" in out and "not a packed-kernel claim" in out
     assert "set aside: m rtn(sym:true) w4 g16: beats baseline beyond its uncertainty" in out
     assert main(["recommend", "--results", store, "--dataset", "bq", "--max-drop", "0.01",
                  "--max-latency-ms", "45"]) == 0
