@@ -3,8 +3,10 @@
 Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_directions``
 (analysis.quality). Columns:
 
-- ``baseline_deltas``: one row per (ok quantized cell, quality metric) joined to the same
-  model's newest ok baseline on the same dataset, settings and metric (same dtype preferred).
+- ``baseline_deltas``: one row per (ok quantized cell, quality metric) joined to the ok baseline
+  of the same model identity (model_path and dtype, not its name), dataset identity (dataset_path,
+  task, settings, limit) and seed, from any sweep of the store (its own sweep's preferred, then
+  the last written).
   Identity (sweep, cell_id, model, method, method_params, bits, group_size, config, dataset,
   metric, is_primary, higher_is_better), baseline_cell_id, baseline_value, value,
   ``delta`` (value - baseline), ``relative_delta_pct`` (100 * delta / |baseline|),
@@ -63,7 +65,8 @@ DERIVED_VIEWS = {
     "baseline_deltas": f"""
         create or replace view baseline_deltas as
         with quality as (
-            select c.sweep, c.cell_id, c.model, c.dtype, c.method, c.method_params, c.bits, c.group_size,
+            select c.sweep, c.cell_id, c.model, c.model_path, c.dtype, c.method, c.method_params, c.bits, c.group_size,
+                   c.dataset_path, c.task, c.seed, c.write_generation, c.write_seq,
                    {CONFIG_LABEL.format(t='c.')} as config,
                    c.dataset, c.eval_settings, c."limit", c.finished_at, m.metric, m.value, m.stderr,
                    m.metric = c.primary_metric as is_primary, d.higher_is_better, d.example_metric,
@@ -85,13 +88,21 @@ DERIVED_VIEWS = {
                    b.tpot_p50_ms as baseline_tpot_p50_ms, b.memory_bytes as baseline_memory_bytes,
                    b.compute_dtype as baseline_compute_dtype
             from quality q
+            -- the baseline of the same model identity (path and dtype, whatever its name), the
+            -- same dataset identity (path, task, settings, limit) and the same seed, from any
+            -- sweep of the store: names alone pair an 8B 'llama' with a 70B one
             join quality b on b.method = 'baseline' and q.method <> 'baseline'
-                 and b.model = q.model and b.dataset = q.dataset and b.metric = q.metric
+                 and b.model_path is not distinct from q.model_path and b.dtype is not distinct from q.dtype
+                 and b.dataset_path is not distinct from q.dataset_path and b.task is not distinct from q.task
+                 and b.metric = q.metric
                  and b.eval_settings is not distinct from q.eval_settings
                  and b."limit" is not distinct from q."limit"
+                 and b.seed is not distinct from q.seed
+                 and (b.model_path is not null or b.model = q.model)
+                 and (b.dataset_path is not null or b.dataset = q.dataset)
             qualify row_number() over (partition by q.cell_id, q.metric
-                                       order by (b.dtype is not distinct from q.dtype) desc,
-                                                b.finished_at desc) = 1
+                                       order by (b.sweep = q.sweep) desc, b.write_generation desc nulls last,
+                                                b.write_seq desc nulls last, b.finished_at desc) = 1
         ),
         paired as (
             select p.cell_id, p.metric, count(*) as n,

@@ -268,3 +268,26 @@ def test_no_change_at_low_bits_is_flagged(tmp_path):
     assert flags["same4"].startswith("no measurable change at <= 4 bits")
     assert flags["hqq4"].startswith("no measurable change at <= 4 bits")
     assert flags["hurt4"] is None and flags["same8"] is None
+
+
+def test_baselines_pair_by_model_and_dataset_identity_not_by_name(tmp_path):
+    """Two sweeps in one store, each with a model named 'llama': one an 8B, one a 70B. Each
+    quantized cell pairs with its own model's baseline (across sweeps too), never the other's,
+    and a cell of another seed has no baseline."""
+    def at(row, sweep, path, seed=0):
+        return {**row, "sweep": sweep, "model_path": path, "dataset_path": "/data/wiki.txt",
+                "task": "perplexity", "seed": seed}
+
+    rows = [
+        at(cell("b8", method="baseline", dataset="wiki", model="llama", nll=[2.0, 2.1, 2.2, 2.3]), "s8", "/m/8b"),
+        at(cell("q8", dataset="wiki", model="llama", nll=[2.1, 2.2, 2.3, 2.4]), "s8", "/m/8b"),
+        at(cell("b70", method="baseline", dataset="wiki", model="llama", nll=[1.5, 1.6, 1.7, 1.8]), "s70", "/m/70b"),
+        at(cell("q70", dataset="wiki", model="llama", nll=[1.6, 1.7, 1.8, 1.9]), "s70", "/m/70b"),
+        # a later sweep of the 8B with another name for it, and a cell with another seed
+        at(cell("q8-again", bits=3, dataset="wiki", model="llama-8b", nll=[2.5, 2.5, 2.5, 2.5]), "later", "/m/8b"),
+        at(cell("q8-seed1", bits=3, group_size=32, dataset="wiki", model="llama", nll=[2.5] * 4), "s8", "/m/8b", seed=1),
+    ]
+    Store(tmp_path).write_rows(rows)
+    pairs = dict(connect(str(tmp_path)).execute(
+        "select cell_id, baseline_cell_id from baseline_deltas where metric = 'token_perplexity'").fetchall())
+    assert pairs == {"q8": "b8", "q70": "b70", "q8-again": "b8"}
