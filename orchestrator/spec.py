@@ -20,6 +20,7 @@ import yaml
 from pydantic import ValidationError
 
 from tasks.catalog import KNOWN_MODELS
+from tasks.locations import is_local
 from tasks.evaluate.registry import KNOWN_DATASETS, TASKS, UnknownTask, get_task
 from tasks.naming import did_you_mean
 from tasks.profile.config import ProfileConfig
@@ -421,6 +422,13 @@ def _parse_datasets(value: Any, problems: _Problems) -> list[DatasetEntry]:
                 else:
                     problems.add(f"{where}.{loc}", err.get("input"), _pydantic_message(err, task.config))
             continue
+        if settings.get("num_fewshot") and path is not None and is_local(str(path)) \
+                and not settings.get("fewshot_path") and not settings.get("fewshot_from_eval"):
+            problems.add(f"{where}.num_fewshot", settings["num_fewshot"],
+                         f"lm-eval's '{task.name}' draws its few-shot examples from another split "
+                         f"(train) than the evaluated one, and {path} is one file; set `fewshot_path: "
+                         "<file of train items>`, or `fewshot_from_eval: true` to draw them from the "
+                         "evaluated set (the row says so; not comparable with lm-eval's figures)")
         if any(d.name == name for d in datasets):
             problems.add(f"{where}.name", name, "duplicate dataset name; two entries may share a task, not a name")
         datasets.append(DatasetEntry(name=str(name), task=task.name, path=str(path), limit=limit,

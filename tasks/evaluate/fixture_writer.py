@@ -7,6 +7,8 @@ at the real data (a local file in the same schema, or a hub id).
 
 - ``boolq.jsonl``: BoolQ (google/boolq): ``question``, ``passage``, ``answer`` (bool)
 - ``gsm8k.jsonl``: GSM8K (openai/gsm8k, main): ``question``, ``answer`` ending in ``#### N``
+- ``gsm8k-train.jsonl``, ``boolq-train.jsonl``: the few-shot examples of those two (lm-eval draws
+  them from ``train``), generated from other seeds, with no item of the evaluated file
 - ``msmarco.jsonl``: MS MARCO v1.1 (microsoft/ms_marco): ``query``, ``query_id``,
   ``query_type``, ``passages`` {``is_selected``, ``passage_text``, ``url``}, ``answers``,
   ``wellFormedAnswers``
@@ -155,6 +157,12 @@ def write(directory: Path = FIXTURES) -> list[Path]:
         rows = make(random.Random(f"qsweep-{name}"))
         path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         paths.append(path)
+        if name in ("boolq", "gsm8k"):  # their few-shot split, disjoint from the evaluated items
+            seen = {r["question"] for r in rows}
+            train = [r for r in make(random.Random(f"qsweep-{name}-train"), 16) if r["question"] not in seen]
+            path = directory / f"{name}-train.jsonl"
+            path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in train))
+            paths.append(path)
     return paths
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tasks.errors import DataError
@@ -35,6 +36,7 @@ class Prepared:
     limit: int | None
     batch_size: int
     seed: int
+    shots_from: str = ""  # where few-shot examples came from, for the metric's definition
 
 
 # lm-eval's own definitions, by their place in lm_eval/tasks (indexing every task takes ~10 s).
@@ -44,8 +46,6 @@ LM_EVAL_YAML = {"boolq": "super_glue/boolq/default.yaml", "gsm8k": "gsm8k/gsm8k.
 
 def lm_eval_config(name: str) -> dict[str, Any]:
     """lm-eval's shipped config for ``name``, with its ``!function`` entries resolved."""
-    from pathlib import Path
-
     import lm_eval.tasks
     from lm_eval.tasks._yaml_loader import load_yaml
 
@@ -53,26 +53,75 @@ def lm_eval_config(name: str) -> dict[str, Any]:
     return dict(load_yaml(path, resolve_func=True, recursive=True))
 
 
+def fewshot_source(name: str, dataset: Any, config: dict[str, Any]) -> tuple[Path | str | None, str]:
+    """Where ``dataset``'s few-shot examples come from: (local file, hub id, or None for the
+    evaluated data itself; its split), lm-eval's own definition unless the entry says otherwise."""
+    settings = dataset.settings
+    split = settings.get("fewshot_split") or config.get("fewshot_split") or config.get("training_split") or "train"
+    if settings.get("fewshot_path"):
+        shots = local_file(settings["fewshot_path"])
+        return (shots if shots is not None else settings["fewshot_path"]), split
+    if settings.get("fewshot_from_eval"):
+        return None, settings["split"]
+    if dataset.path.startswith("builtin:"):
+        train = local_file(f"{dataset.path}-train") if _has_fixture(f"{dataset.path}-train") else None
+        if train is not None:
+            return train, split
+    elif local_file(dataset.path) is None:
+        return dataset.path, split  # the same hub dataset's own split
+    raise DataError(f"dataset '{dataset.name}' ({dataset.path}): lm-eval's '{name}' takes its few-shot "
+                    f"examples from '{split}', and this dataset is one file; set fewshot_path (a file of "
+                    "train items) or fewshot_from_eval: true")
+
+
+def _has_fixture(path: str) -> bool:
+    try:
+        return local_file(path) is not None
+    except DataError:
+        return False
+
+
 def prepare_task(name: str, dataset: Any, split_kind: str, overrides: dict[str, Any],
                  num_fewshot: int, seed: int) -> Prepared:
-    """Build lm-eval's task ``name`` on the cell's data; DataError if the data is not there."""
+    """Build lm-eval's task ``name`` on the cell's data; DataError if the data is not there.
+    Few-shot examples come from ``fewshot_source`` with lm-eval's own sampler."""
     from lm_eval.api.task import ConfigurableTask
 
     config = lm_eval_config(name)
     version = str(config.get("metadata", {}).get("version", "?"))
     split = dataset.settings["split"]
+    shots, shots_split = fewshot_source(name, dataset, config) if num_fewshot else (None, None)
     for kind in ("training_split", "validation_split", "test_split", "fewshot_split"):
         config.pop(kind, None)
     config[split_kind] = split
-    if num_fewshot:
-        config["fewshot_split"] = split  # lm-eval leaves the evaluated document out of its shots
     local = local_file(dataset.path)
     if local is not None:
-        config |= {"dataset_path": "json", "dataset_name": None,
-                   "dataset_kwargs": {"data_files": {split: str(local)}}}
+        files = {split: str(local)}
+        if num_fewshot and shots is None:  # fewshot_from_eval: lm-eval leaves the evaluated item out
+            config["fewshot_split"] = split
+        elif num_fewshot:
+            if not isinstance(shots, Path):
+                raise DataError(f"dataset '{dataset.name}': fewshot_path {shots} must be a local file "
+                                f"when the evaluated data ({dataset.path}) is one")
+            files["fewshot"] = str(shots)
+            config["fewshot_split"] = "fewshot"
+        config |= {"dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": files}}
     else:
         hub, _, subset = dataset.path.partition(":")
         config |= {"dataset_path": hub, "dataset_name": subset or None, "dataset_kwargs": None}
+        if num_fewshot:
+            if isinstance(shots, Path) or (shots is not None and shots != dataset.path):
+                raise DataError(f"dataset '{dataset.name}': fewshot_path {shots} must name the same hub "
+                                f"dataset ({dataset.path}); give fewshot_split for another of its splits")
+            config["fewshot_split"] = shots_split
+    if not num_fewshot:
+        described = ""
+    elif shots is None:
+        described = "the evaluated set (fewshot_from_eval)"
+    elif isinstance(shots, Path):
+        described = shots.name
+    else:
+        described = f"{shots} split {shots_split}"
     config |= overrides | {"num_fewshot": num_fewshot}
     config.pop("tag", None)
     try:
@@ -83,7 +132,12 @@ def prepare_task(name: str, dataset: Any, split_kind: str, overrides: dict[str, 
     if hasattr(task, "set_fewshot_seed"):
         task.set_fewshot_seed(seed=seed)
     return Prepared(name=name, task=task, version=version, limit=dataset.limit,
-                    batch_size=dataset.settings["batch_size"], seed=seed)
+                    batch_size=dataset.settings["batch_size"], seed=seed, shots_from=described)
+
+
+def shots_phrase(prepared: Prepared) -> str:
+    shots = prepared.task.config.num_fewshot
+    return f"{shots}-shot" + (f" (shots from {prepared.shots_from}, lm-eval's sampler)" if shots else "")
 
 
 def run(prepared: Prepared, model: Any, tokenizer: Any) -> list[dict[str, Any]]:
@@ -117,7 +171,7 @@ class BoolQ:
         outcomes = [float(s["acc"]) for s in samples]
         acc = proportion("acc", outcomes, f"accuracy: the answer (' yes' / ' no') with the higher "
                          f"log-likelihood is right; lm-eval boolq v{prepared.version}, "
-                         f"{prepared.task.config.num_fewshot}-shot")
+                         f"{shots_phrase(prepared)}")
         return EvalResult(primary=acc, metrics=[acc], task_version=f"lm-eval boolq {prepared.version}",
                           examples=[Example(str(s["doc_id"]), "acc", o) for s, o in zip(samples, outcomes)])
 
@@ -136,7 +190,6 @@ class GSM8K:
         by_filter: dict[str, dict[int, float]] = {}
         for s in samples:
             by_filter.setdefault(s["filter"], {})[s["doc_id"]] = float(s["exact_match"])
-        shots = prepared.task.config.num_fewshot
         gen = prepared.task.config.generation_kwargs.get("max_gen_toks")
         metrics, examples = [], []
         for filter_name, short in (("strict-match", "strict"), ("flexible-extract", "flexible")):
@@ -147,7 +200,7 @@ class GSM8K:
             metrics.append(proportion(name, list(values.values()),
                                       f"exact match of the number after '#### ' ({filter_name} filter) "
                                       f"with the reference; greedy, at most {gen} new tokens; "
-                                      f"lm-eval gsm8k v{prepared.version}, {shots}-shot"))
+                                      f"lm-eval gsm8k v{prepared.version}, {shots_phrase(prepared)}"))
             examples += [Example(str(doc), name, v) for doc, v in sorted(values.items())]
         return EvalResult(primary=metrics[0], metrics=metrics, examples=examples,
                           task_version=f"lm-eval gsm8k {prepared.version}")

@@ -70,13 +70,21 @@ class BoolQConfig(TaskConfig):
     num_fewshot: int = Field(0, ge=0)
     batch_size: int = Field(8, gt=0)
     split: str = "validation"
+    # Where few-shot examples come from. Default: lm-eval's own definition (its ``fewshot_split``,
+    # else its training split: ``train`` for boolq and gsm8k) of the same hub dataset; for a
+    # builtin fixture its ``-train`` file. A local file needs ``fewshot_path`` (a file of items
+    # in the same schema, e.g. the train split); ``fewshot_from_eval: true`` draws them from the
+    # evaluated set itself (lm-eval leaves the evaluated item out), which the row then says.
+    fewshot_path: str | None = None
+    fewshot_split: str | None = None
+    fewshot_from_eval: bool = False
 
 
 class GSM8KConfig(TaskConfig):
     """GSM8K through lm-eval's ``gsm8k`` task (exact match after ``#### N``; greedy).
 
     ```yaml
-    - {name: gsm8k, path: gsm8k.jsonl, limit: 50, num_fewshot: 5, max_gen_toks: 256}
+    - {name: gsm8k, path: gsm8k-test.jsonl, fewshot_path: gsm8k-train.jsonl, limit: 50, num_fewshot: 5}
     ```
 
     Data in the official schema: ``question``, ``answer`` ending in ``#### N``.
@@ -86,6 +94,14 @@ class GSM8KConfig(TaskConfig):
     batch_size: int = Field(8, gt=0)
     max_gen_toks: int = Field(256, gt=0)
     split: str = "test"
+    # Where few-shot examples come from. Default: lm-eval's own definition (its ``fewshot_split``,
+    # else its training split: ``train`` for boolq and gsm8k) of the same hub dataset; for a
+    # builtin fixture its ``-train`` file. A local file needs ``fewshot_path`` (a file of items
+    # in the same schema, e.g. the train split); ``fewshot_from_eval: true`` draws them from the
+    # evaluated set itself (lm-eval leaves the evaluated item out), which the row then says.
+    fewshot_path: str | None = None
+    fewshot_split: str | None = None
+    fewshot_from_eval: bool = False
 
 
 class MSMarcoConfig(TaskConfig):
