@@ -26,7 +26,9 @@ Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_d
   fake-quant kernel, ttft_ms, tpot_p50_ms, throughput_tok_s and the baseline's
   ``baseline_tpot_p50_ms``, ``compute_dtype`` / ``baseline_compute_dtype`` / ``dtype_differs``
   (an engine that computes in bfloat16 against a float32 baseline), ``memory_bytes`` with ``memory_kind`` = the first measured of
-  nvml_peak_process_bytes, cuda_peak_reserved_bytes, peak_rss_bytes) and ``anomaly``: null,
+  nvml_peak_process_bytes, cuda_peak_reserved_bytes, peak_rss_bytes less resident_base_bytes
+  (the base model an actor keeps in host memory beside a quantized cell on CPU): the cell's own
+  memory) and ``anomaly``: null,
   or '; '-joined flags: ``beats baseline beyond its uncertainty`` (better with p < 0.05, or by
   more than 1.96 delta_stderr when unpaired), ``non-finite metric``, ``larger than baseline``,
   ``evaluated on calibration text`` (calibration_overlap above 1%), ``no measurable change at
@@ -56,7 +58,13 @@ import weakref
 
 import duckdb
 
-from analysis.quality import NO_CHANGE_KL, SIGNIFICANCE, directions_table, mcnemar_test, sign_flip_test
+from analysis.quality import (
+    NO_CHANGE_KL,
+    SIGNIFICANCE,
+    directions_table,
+    mcnemar_test,
+    sign_flip_test,
+)
 
 CONFIG_LABEL = """{t}method || coalesce('(' || nullif(regexp_replace({t}method_params, '[{{}}" ]', '', 'g'), '') || ')', '')
        || coalesce(' w' || {t}bits, '') || coalesce(' g' || {t}group_size, '')"""
@@ -73,9 +81,12 @@ DERIVED_VIEWS = {
                    d.test, d.scale, c.weight_bytes, c.bits_per_weight, c.kernel, c.weight_format,
                    c.calibration_overlap, c.kl_divergence, c.compute_dtype,
                    c.ttft_ms, c.tpot_p50_ms, c.throughput_tok_s,
-                   coalesce(c.nvml_peak_process_bytes, c.cuda_peak_reserved_bytes, c.peak_rss_bytes) as memory_bytes,
+                   coalesce(c.nvml_peak_process_bytes, c.cuda_peak_reserved_bytes,
+                            c.peak_rss_bytes - coalesce(c.resident_base_bytes, 0)) as memory_bytes,
                    case when c.nvml_peak_process_bytes is not null then 'nvml_peak_process_bytes'
                         when c.cuda_peak_reserved_bytes is not null then 'cuda_peak_reserved_bytes'
+                        when c.peak_rss_bytes is not null and c.resident_base_bytes > 0
+                             then 'peak_rss_bytes - resident_base_bytes'
                         when c.peak_rss_bytes is not null then 'peak_rss_bytes' end as memory_kind
             from cells c
             join metrics m on m.cell_id = c.cell_id

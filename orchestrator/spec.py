@@ -20,8 +20,8 @@ import yaml
 from pydantic import ValidationError
 
 from tasks.catalog import KNOWN_MODELS
-from tasks.locations import is_local
 from tasks.evaluate.registry import KNOWN_DATASETS, TASKS, UnknownTask, get_task
+from tasks.locations import is_local
 from tasks.naming import did_you_mean
 from tasks.profile.config import ProfileConfig
 from tasks.quantize.registry import ALL_FALLBACKS, METHODS, UnknownMethod, get_method

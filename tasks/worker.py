@@ -28,7 +28,14 @@ from orchestrator.cells import Group
 from orchestrator.schema import LAYER
 from tasks.artifacts import ArtifactCache
 from tasks.calibration import Calibration, activation_stats, calibration_overlap, load_calibration
-from tasks.errors import DeviceLost, NonFiniteError, classify, is_sticky_device_error, redact, short_traceback
+from tasks.errors import (
+    DeviceLost,
+    NonFiniteError,
+    classify,
+    is_sticky_device_error,
+    redact,
+    short_traceback,
+)
 from tasks.evaluate.reference import BaselineLogprobs
 from tasks.evaluate.registry import get_task
 from tasks.models import cache_dir, load_model, resolve_model_path
@@ -58,6 +65,7 @@ class WorkerState:
     _calibrations: dict[str, Calibration] = field(default_factory=dict)
     _model: Any = None
     _tokenizer: Any = None
+    _offloaded: bool = False  # the base model sits in host memory while a quantized cell runs
     baseline_bytes: int | None = None  # the base model's dense weight bytes
     artifacts: ArtifactCache | None = field(default_factory=ArtifactCache.from_env)
 
@@ -70,12 +78,32 @@ class WorkerState:
         if key != self._model_key:
             self._model = self._tokenizer = None  # free the previous model before loading
             self._calibrations.clear()
+            for reference in self._references.values():
+                reference.close()
             self._references.clear()
             self._model, self._tokenizer = load_model(path, dtype, self.device, trust_remote_code)
             self._model_key = key
             self.model_loads += 1
             self.baseline_bytes = dense_weight_bytes(self._model)
+        elif self._offloaded:
+            self._model.to(self.device)
+            self._offloaded = False
         return self._model, self._tokenizer
+
+    def offload_base(self) -> int:
+        """Move the base model off the accelerator while another model evaluates there, so that
+        the cell's CUDA and NVML figures are its own; returns the bytes the base keeps resident
+        in what the cell's peak figures measure (host memory on CPU, where it cannot move)."""
+        if self._model is None:
+            return 0
+        if self.device.startswith("cuda"):
+            self._model.to("cpu")
+            self._offloaded = True
+            torch.cuda.empty_cache()
+            return 0
+        from tasks.models import model_bytes
+
+        return model_bytes(self._model)
 
     def prepared_data(self, cell: Any, tokenizer: Any) -> Any:
         """The cell's evaluation data, read and built once per dataset per actor."""
@@ -90,7 +118,7 @@ class WorkerState:
         dataset per actor and shared by every quantized cell (KL divergence)."""
         key = json.dumps([self._model_key, cell.identity()["dataset"], cell.seed], sort_keys=True, default=str)
         if key not in self._references:
-            self._references[key] = BaselineLogprobs(self._model)
+            self._references[key] = BaselineLogprobs(self._model, spill_dir=scratch_dir())
         return self._references[key]
 
     def calibration(self, spec: dict[str, Any]) -> Calibration:
@@ -225,6 +253,20 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
     common |= {"time_load_s": load_time.seconds, "time_quantize_s": quant_seconds,
                "time_profile_s": profile_time.seconds}
     yield None, {"stage": "evaluate"}
+
+    # The base model's log-probs for KL, once per dataset, before any cell's timers and trackers;
+    # then the base leaves the accelerator while the quantized model evaluates there.
+    resident = 0
+    if model is not base:
+        for cell in (c for c in group.cells if c.cell_id in prepared):
+            task = get_task(cell.dataset.task).load()()
+            if getattr(task, "takes_reference", False):
+                try:
+                    state.reference(cell).precompute(task.reference_batches(base, prepared[cell.cell_id]))
+                except Exception as exc:  # noqa: BLE001 - the cell computes what is missing, or fails as a row
+                    log.warning("cell %s: reference log-probs not precomputed: %s", cell.cell_id, exc)
+        resident = state.offload_base()
+    common["resident_base_bytes"] = resident
 
     for cell in (c for c in group.cells if c.cell_id in prepared):
         row = dict(common)

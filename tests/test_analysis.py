@@ -291,3 +291,15 @@ def test_baselines_pair_by_model_and_dataset_identity_not_by_name(tmp_path):
     pairs = dict(connect(str(tmp_path)).execute(
         "select cell_id, baseline_cell_id from baseline_deltas where metric = 'token_perplexity'").fetchall())
     assert pairs == {"q8": "b8", "q70": "b70", "q8-again": "b8"}
+
+
+def test_memory_used_for_decisions_excludes_the_resident_base_model(tmp_path):
+    """On CPU the actor's RSS holds the base model beside a quantized cell's: the figure pareto
+    and recommend use is the cell's own."""
+    rows = [cell("b", method="baseline", correct=[1] * 10),
+            {**cell("q", correct=[1] * 10), "resident_base_bytes": BASE_BYTES}]
+    rows[0]["resident_base_bytes"] = 0
+    Store(tmp_path).write_rows(rows)
+    got = connect(str(tmp_path)).execute(
+        "select memory_bytes, memory_kind, baseline_memory_bytes from baseline_deltas").fetchall()
+    assert got == [(BASE_BYTES, "peak_rss_bytes - resident_base_bytes", 2 * BASE_BYTES)]

@@ -4,10 +4,10 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
+from test_store import row
 
 from analysis.views import connect
 from orchestrator.store import Store
-from test_store import row
 
 
 def raw_count(results) -> int:

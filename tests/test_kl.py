@@ -83,3 +83,57 @@ def test_calibration_overlap_flags_evaluation_on_calibration_text(tiny_llama, te
     assert calibration_overlap(own.input_ids, data) > 0.9
     assert calibration_overlap(other.input_ids, data) == 0.0
     assert calibration_overlap(own.input_ids, object()) is None  # not a token stream
+
+
+def test_reference_runs_outside_every_cell_and_spills_to_disk(tiny_llama, monkeypatch, tmp_path):
+    """The baseline's log-probs are computed before any cell's memory tracker or timer starts,
+    once per dataset across groups, even with no memory budget for them (they go to disk)."""
+    from inline import run_inline
+
+    import tasks.worker as worker
+    from orchestrator.spec import parse_spec
+    from tasks.models import model_bytes
+
+    monkeypatch.setenv("QSWEEP_REFERENCE_CACHE_MB", "0")  # every entry spills to the scratch disk
+    monkeypatch.setenv("QSWEEP_SCRATCH", str(tmp_path / "scratch"))
+    inside, violations, forwards = [False], [], []
+    real_enter, real_exit = worker.MemoryTracker.__enter__, worker.MemoryTracker.__exit__
+    real_forward = BaselineLogprobs._forward
+
+    def enter(self):
+        inside[0] = True
+        return real_enter(self)
+
+    def leave(self, *exc):
+        inside[0] = False
+        return real_exit(self, *exc)
+
+    def forward(self, input_ids):
+        forwards.append(len(input_ids))
+        if inside[0]:
+            violations.append(len(input_ids))
+        return real_forward(self, input_ids)
+
+    monkeypatch.setattr(worker.MemoryTracker, "__enter__", enter)
+    monkeypatch.setattr(worker.MemoryTracker, "__exit__", leave)
+    monkeypatch.setattr(BaselineLogprobs, "_forward", forward)
+    spec = parse_spec({
+        "name": "kl-outside", "models": [{"name": "tiny", "path": str(tiny_llama)}],
+        "methods": [{"name": "baseline"}, {"name": "rtn", "sym": False}], "bits": [3, 4, 8], "group_sizes": [32],
+        "datasets": [{"name": "pydoc", "task": "perplexity", "path": "builtin:pydoc-topics", "limit": 4,
+                      "seq_len": 32, "batch_size": 2},
+                     {"name": "wiki", "task": "wikitext", "path": "builtin:wikitext", "limit": 2, "seq_len": 32,
+                      "word_limit": 1}],
+        "profile": PROFILE})
+    state = worker.WorkerState(threads=1)
+    rows = {(cell.method, cell.bits, cell.dataset.name): row for cell, row in run_inline(spec, state)}
+    assert all(r["status"] == "ok" for r in rows.values()), [r.get("error_message") for r in rows.values()]
+    assert violations == []  # no reference forward inside a cell's tracker
+    assert forwards == [2, 2, 2]  # pydoc: 4 windows in 2 batches; wiki: 2 windows in 1; once for 3 groups
+    references = list(state._references.values())
+    assert all(r.cached_bytes == 0 and r.disk_bytes > 0 and r.recomputed == 0 for r in references)
+    assert rows[("rtn", 3, "pydoc")]["kl_divergence"] > rows[("rtn", 8, "pydoc")]["kl_divergence"] > 0
+    # the base model the actor keeps beside a quantized cell is reported apart (CPU: in RSS)
+    base_bytes = model_bytes(state._model)
+    assert rows[("baseline", None, "pydoc")]["resident_base_bytes"] == 0
+    assert rows[("rtn", 4, "wiki")]["resident_base_bytes"] == base_bytes > 0

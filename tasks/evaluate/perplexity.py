@@ -16,6 +16,7 @@ datasets:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,12 +68,9 @@ class TokenPerplexity:
         return TokenStream(token_stream(tokenizer, texts, needed), dataset.limit, settings,
                            settings["batch_size"])
 
-    def evaluate(self, model: Any, tokenizer: Any, prepared: TokenStream,
-                 reference: Any = None) -> EvalResult:
-        """Perplexity of ``model``; with ``reference`` (a callable ``(batch_key, input_ids) ->
-        log-probs [batch, seq_len - 1, vocab]`` of the unquantized model on the same batch), also
-        the mean per-token KL divergence of the model's next-token distribution from it and the
-        share of positions where both pick the same top token."""
+    @staticmethod
+    def windows(model: Any, prepared: TokenStream) -> tuple[int, int, list]:
+        """(seq_len, stride, spans) of the evaluation windows, the model's context respected."""
         settings = prepared.settings
         context = getattr(model.config, "max_position_embeddings", None) or settings["seq_len"]
         seq_len = min(settings["seq_len"], context)
@@ -80,18 +78,40 @@ class TokenPerplexity:
         spans = windows(len(prepared.ids), seq_len, stride, prepared.limit)
         if not spans:
             raise DataError(f"{len(prepared.ids)} tokens, fewer than one window of {seq_len}")
-        device = next(model.parameters()).device
+        return seq_len, stride, spans
+
+    def batches(self, model: Any, prepared: TokenStream) -> Iterator[tuple[list, list, torch.Tensor]]:
+        """(window keys, spans, input_ids) per evaluation batch; a window's key does not depend
+        on the batch size, so reference entries survive a batch halved after out-of-memory."""
+        seq_len, stride, spans = self.windows(model, prepared)
         stream = torch.tensor(prepared.ids, dtype=torch.long)
-        window_nll, window_tokens, window_kl, window_same = [], [], [], []
         for first in range(0, len(spans), prepared.batch_size):
             batch = spans[first:first + prepared.batch_size]
-            input_ids = torch.stack([stream[s:e] for s, e, _ in batch]).to(device)
+            keys = [(seq_len, stride, first + i) for i in range(len(batch))]
+            yield keys, batch, torch.stack([stream[s:e] for s, e, _ in batch])
+
+    def reference_batches(self, model: Any, prepared: TokenStream) -> Iterator[tuple[list, torch.Tensor]]:
+        """What ``BaselineLogprobs.precompute`` stores for this dataset."""
+        for keys, _, input_ids in self.batches(model, prepared):
+            yield keys, input_ids
+
+    def evaluate(self, model: Any, tokenizer: Any, prepared: TokenStream,
+                 reference: Any = None) -> EvalResult:
+        """Perplexity of ``model``; with ``reference`` (a callable ``(batch_key, input_ids) ->
+        log-probs [batch, seq_len - 1, vocab]`` of the unquantized model on the same batch), also
+        the mean per-token KL divergence of the model's next-token distribution from it and the
+        share of positions where both pick the same top token."""
+        device = next(model.parameters()).device
+        window_nll, window_tokens, window_kl, window_same = [], [], [], []
+        seq_len, stride, spans = self.windows(model, prepared)
+        for keys, batch, input_ids in self.batches(model, prepared):
+            input_ids = input_ids.to(device)
             with torch.inference_mode():
                 logits = model(input_ids).logits.float()
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
             token_nll = -logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
             if reference is not None:
-                base = reference((seq_len, stride, first, len(batch)), input_ids).to(logprobs.device)
+                base = reference(keys, input_ids).to(logprobs.device)
                 # KL(base || model) per position: sum_v p_base (log p_base - log p_model)
                 token_kl = (base.exp() * (base - logprobs)).sum(-1)
                 token_same = (base.argmax(-1) == logprobs.argmax(-1)).float()

@@ -38,6 +38,9 @@ class WikiText:
         words.batch_size = 1
         return WikiTextData(tokens, words, tokens.batch_size)
 
+    def reference_batches(self, model: Any, prepared: WikiTextData) -> Any:
+        return TokenPerplexity().reference_batches(model, prepared.tokens)
+
     def evaluate(self, model: Any, tokenizer: Any, prepared: WikiTextData, reference: Any = None) -> EvalResult:
         token = TokenPerplexity().evaluate(model, tokenizer, replace(prepared.tokens, batch_size=prepared.batch_size),
                                            reference)
