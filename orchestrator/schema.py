@@ -104,18 +104,28 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("examples", pa.list_(EXAMPLE), "per-example outcomes (correct, rank, NLL per window/document) "
      "for paired comparisons with the baseline"),
     # size
-    ("weight_bytes", _I, "bytes of all weights: quantized layers at bits + scales/zeros, the rest at dtype"),
+    ("weight_bytes", _I, "bytes of all weights: quantized layers as their format stores them (codes, "
+     "scales, zero points, g_idx where stored: see layers), the parts left unquantized at "
+     "dense_parts_dtype (the baseline's dtype, whatever dtype an engine computes them in), so two "
+     "methods at the same bits and group size differ only by what each stores per group"),
+    ("dense_parts_dtype", _S, "dtype the unquantized parts (embeddings, norms, a kept lm_head) are "
+     "counted at in weight_bytes: the model's dtype from the spec, the baseline's; null for rows of "
+     "schema 1, which counted them at the dtype they computed in"),
     ("weight_bytes_source", _S, "'stored' (bytes of a saved artifact) or 'packed-arithmetic' "
      "(exact count of codes, scales and zeros a packed format stores; the model ran dequantized)"),
     ("bits_per_weight", _F, "effective bits per weight of quantized layers, scales and zeros included"),
+    ("bits_per_weight_model", _F, "8 * weight_bytes / params_total: bits per weight of the whole model, "
+     "unquantized parts included (a quantized lm_head lowers it; bits_per_weight covers only the "
+     "quantized layers)"),
     ("baseline_weight_bytes", _I, "bytes of the same model's weights unquantized, in the dtype it was loaded in"),
     ("compression_ratio", _F, "baseline_weight_bytes / weight_bytes: above 1 the quantized weights are "
      "smaller as stored; memory while running is model_bytes_in_memory, a different figure"),
     ("checkpoint_format", _S, "format of the checkpoint the method saved (gptq, awq, compressed-tensors, ...); "
      "null when it saved none (qsweep export then writes the dequantized model)"),
     ("checkpoint_bytes", _I, "bytes of the saved checkpoint's weight files on disk; null when none was saved"),
-    ("params_total", _I, "parameters in the model"),
-    ("params_quantized", _I, "parameters in quantized layers"),
+    ("params_total", _I, "weights of the model, counted the same for every format: the unquantized "
+     "parts' elements (tied tensors once) plus in x out of each quantized layer"),
+    ("params_quantized", _I, "weights in quantized layers: in x out of each (padding and packing excluded)"),
     ("layers_quantized", _I, "linear layers quantized"),
     ("layers_fallback", _I, "quantized layers whose width the group size does not divide (see fallback)"),
     ("layers_high_precision", _I, "linear layers left in the model's dtype"),

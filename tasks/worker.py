@@ -247,7 +247,7 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
         return
 
     with Timer(state.device) as profile_time:
-        common |= profile_sizes(model, report, state.baseline_bytes)
+        common |= profile_sizes(model, report, state.baseline_bytes, head.model.dtype)
     common |= report_columns(report)
     common["layers"] = [{key: getattr(layer, key) for key in LAYER_FIELDS} for layer in report.layers]
     common |= {"time_load_s": load_time.seconds, "time_quantize_s": quant_seconds,

@@ -117,11 +117,12 @@ def test_fsspec_filesystem(tmp_path):
     uri = f"memory://qsweep-test-{os.getpid()}/results"
     store = Store(uri)
     store.check_writable("s")
-    store.write_rows([row("a", minutes=0), row("b", minutes=1)])
-    store.write_rows([row("a", status="failed", minutes=2)])
-    assert store.compact("s") == (2, 1)
-    assert connect(uri).execute("select cell_id, status from cells order by 1").fetchall() == [
-        ("a", "failed"), ("b", "ok")]
+    store.write_rows([row("a", status="failed", minutes=0), row("b", minutes=1)])
+    store.write_rows([row("a", status="failed", minutes=2, value=2.0)])  # replaces a's failed row
+    store.write_rows([row("b", status="failed", minutes=3)])  # never replaces b's ok row
+    assert store.compact("s") == (3, 1)
+    assert connect(uri).execute("select cell_id, status, primary_value from cells order by 1").fetchall() == [
+        ("a", "failed", 2.0), ("b", "ok", 1.0)]
 
 
 def test_unknown_scheme_is_a_usage_error():

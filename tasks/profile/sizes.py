@@ -7,41 +7,55 @@ from typing import Any
 
 from tasks.quantize.base import QuantReport
 
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
 
 @dataclass(frozen=True)
 class WeightSize:
     weight_bytes: int
     source: str  # "stored" | "packed-arithmetic"
-    bits_per_weight: float | None
+    bits_per_weight: float | None  # over the quantized layers
     params_total: int
     params_quantized: int
+    dense_bytes: int  # of the parts left unquantized, at the storage dtype
+
+    @property
+    def bits_per_weight_model(self) -> float | None:
+        return 8 * self.weight_bytes / self.params_total if self.params_total else None
 
 
-def weight_size(model: Any, report: QuantReport) -> WeightSize:
-    """Bytes of all weights: quantized layers counted as codes + scales + zeros, the rest at
-    their dtype (tied tensors once). Every parameter but the bias of a quantized layer's module is
-    counted by the arithmetic, whatever the module calls it (``weight``, HQQ's ``W_q``)."""
+def weight_size(model: Any, report: QuantReport, storage_dtype: str | None = None) -> WeightSize:
+    """Bytes of all weights: quantized layers counted as codes + scales + zeros (+ g_idx where a
+    format stores it: the layer records say), the parts a method leaves unquantized at
+    ``storage_dtype`` (the baseline's dtype: whatever an engine computes them in, they compare
+    across engines), tied tensors once. Every parameter but the bias of a quantized layer's
+    module is counted by the arithmetic, whatever the module calls it (``weight``, HQQ's ``W_q``).
+    Parameters count the same for every format: the dense parts' elements plus each quantized
+    layer's in x out weights (a packed module's buffers, padding, are not weights)."""
     from tasks.models import tensor_bytes, tensor_key
 
     quantized = {layer.name: layer for layer in report.quantized_layers}
     modules = dict(model.named_modules())
     quantized_keys = {tensor_key(p) for name in quantized if name in modules
                       for pname, p in modules[name].named_parameters() if pname != "bias"}
-    seen, dense_bytes, total = set(), 0, 0
+    per_element = DTYPE_BYTES.get(storage_dtype or "")
+    seen, dense_bytes, dense_params = set(), 0, 0
     for p in model.parameters():
         if tensor_key(p) in seen:
             continue
         seen.add(tensor_key(p))
-        total += p.numel()
         if tensor_key(p) not in quantized_keys:
-            dense_bytes += tensor_bytes(p)
+            dense_params += p.numel()
+            dense_bytes += p.numel() * per_element if per_element and p.is_floating_point() else tensor_bytes(p)
     packed_bits = sum(layer.stored_bits() for layer in quantized.values())
+    logical = sum(layer.in_features * layer.out_features for layer in quantized.values())
     return WeightSize(
         weight_bytes=dense_bytes + (packed_bits + 7) // 8,
         source="stored" if report.weight_format == "dense" else "packed-arithmetic",
         bits_per_weight=report.bits_per_weight(),
-        params_total=total,
-        params_quantized=sum(layer.codes for layer in quantized.values()),
+        params_total=dense_params + logical,
+        params_quantized=logical,
+        dense_bytes=dense_bytes,
     )
 
 
@@ -57,11 +71,12 @@ def dense_weight_bytes(model: Any) -> int:
     return total
 
 
-def profile_sizes(model: Any, report: QuantReport, baseline_bytes: int | None = None) -> dict[str, Any]:
+def profile_sizes(model: Any, report: QuantReport, baseline_bytes: int | None = None,
+                  storage_dtype: str | None = None) -> dict[str, Any]:
     """Size columns of a row: weight bytes, bits per weight, layer counts, format, kernel."""
     from tasks.models import model_bytes
 
-    size = weight_size(model, report)
+    size = weight_size(model, report, storage_dtype)
     quantized = report.quantized_layers
     baseline = baseline_bytes or dense_weight_bytes(model)
     return {
@@ -69,7 +84,8 @@ def profile_sizes(model: Any, report: QuantReport, baseline_bytes: int | None = 
         "baseline_weight_bytes": baseline,
         "compression_ratio": baseline / size.weight_bytes if size.weight_bytes else None,
         "checkpoint_format": report.checkpoint_format, "checkpoint_bytes": report.checkpoint_bytes,
-        "bits_per_weight": size.bits_per_weight, "params_total": size.params_total,
+        "bits_per_weight": size.bits_per_weight, "bits_per_weight_model": size.bits_per_weight_model,
+        "dense_parts_dtype": storage_dtype, "params_total": size.params_total,
         "params_quantized": size.params_quantized, "layers_quantized": len(quantized),
         "layers_fallback": sum(1 for layer in quantized if layer.fallback),
         "layers_high_precision": sum(1 for layer in report.layers if not layer.quantized),
