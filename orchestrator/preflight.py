@@ -182,7 +182,10 @@ def location_verdict(cell: Cell, found: dict[str, str | None], where: str) -> Ve
     return Verdict(False)
 
 
-def memory_verdict(cell: Cell, facts: ModelFacts | None, memory_bytes: int | None, where: str) -> Verdict:
+def memory_verdict(cell: Cell, facts: ModelFacts | None, memory_bytes: int | None, where: str,
+                   holder: str | None = None) -> Verdict:
+    """Skip a cell whose base model and quantized copy (+25%) exceed ``memory_bytes`` of
+    ``holder`` (the memory the weights go to; default: ``where``, the machine checked)."""
     info = get_method(cell.method)
     if facts is None or not facts.params or not memory_bytes:
         return Verdict(False)
@@ -190,7 +193,7 @@ def memory_verdict(cell: Cell, facts: ModelFacts | None, memory_bytes: int | Non
     needed = int(facts.params * DTYPE_BYTES[cell.model.dtype] * copies * 1.25)
     if needed > memory_bytes:
         return Verdict(True, "oom", f"needs about {needed / 2**30:.1f} GiB ({copies} copies of "
-                       f"{facts.params:,} params in {cell.model.dtype}, +25%), {where} has "
+                       f"{facts.params:,} params in {cell.model.dtype}, +25%), {holder or where} has "
                        f"{memory_bytes / 2**30:.1f} GiB", where=where)
     return Verdict(False)
 
@@ -232,7 +235,11 @@ def machine_verdict(cell: Cell, probe: dict[str, Any], driver_facts: ModelFacts 
     if verdict.skip:
         return verdict
     facts = driver_facts or probe["models"].get(cell.model.path)
-    verdict = memory_verdict(cell, facts, probe["memory_bytes"], where)
+    if probe.get("gpu_memory_bytes"):  # the actors run on this kind of GPU: weights go there
+        verdict = memory_verdict(cell, facts, probe["gpu_memory_bytes"], where,
+                                 f"{where}'s GPU ({probe.get('gpu_name')})")
+    else:
+        verdict = memory_verdict(cell, facts, probe["memory_bytes"], where)
     if verdict.skip or facts is None or driver_facts is not None:
         return verdict
     verdict = capability_verdict(cell, facts.widths)

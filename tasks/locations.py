@@ -33,16 +33,37 @@ def is_local(path: str) -> bool:
 
 
 def machine_facts(paths: list[str]) -> dict[str, Any]:
-    """On the machine that calls it: its host name, memory, free scratch disk, and for each
-    local path whether it is a directory or a file there."""
+    """On the machine that calls it: its host name, host memory, the memory and name of the GPU
+    it was given (the first of ``CUDA_VISIBLE_DEVICES``, read through NVML; None without one),
+    and for each local path whether it is a directory or a file there."""
     import psutil
 
     found = {}
     for path in paths:
         local = Path(path).expanduser()
         found[path] = "dir" if local.is_dir() else "file" if local.exists() else None
-    scratch = Path(os.environ.get("QSWEEP_SCRATCH") or Path.home())
-    while not scratch.exists() and scratch != scratch.parent:
-        scratch = scratch.parent
+    gpu_bytes, gpu_name = visible_gpu()
     return {"host": socket.gethostname(), "memory_bytes": psutil.virtual_memory().total,
-            "disk_free_bytes": psutil.disk_usage(str(scratch)).free, "paths": found}
+            "gpu_memory_bytes": gpu_bytes, "gpu_name": gpu_name, "paths": found}
+
+
+def visible_gpu() -> tuple[int | None, str | None]:
+    """(total bytes, name) of the first GPU in ``CUDA_VISIBLE_DEVICES`` per NVML (the driver
+    forwards CUDA_DEVICE_ORDER=PCI_BUS_ID, so indices agree with torch's); (None, None) without."""
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return None, None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            first = visible[0].strip()
+            handle = (pynvml.nvmlDeviceGetHandleByUUID(first) if first.startswith(("GPU-", "MIG-"))
+                      else pynvml.nvmlDeviceGetHandleByIndex(int(first)))
+            name = pynvml.nvmlDeviceGetName(handle)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total), name.decode() if isinstance(name, bytes) else name
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no driver, no NVML: the worker's own run will tell
+        return None, None

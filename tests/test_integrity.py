@@ -287,3 +287,32 @@ def test_lease_files_are_json_naming_the_holder(tmp_path):
     assert [(r["write_generation"], r["write_seq"]) for r in stamped] == [(1, 0), (1, 1)]
     lease.release()
     assert json.loads((tmp_path / "s" / "leases" / leases.lease_name(1)).read_text())["released"] is True
+
+
+# 2. Preflight judges what it can see ---------------------------------------------------------
+
+def test_machine_verdicts_use_the_workers_facts():
+    from orchestrator.cells import expand
+    from orchestrator.preflight import ModelFacts, machine_verdict
+    from orchestrator.spec import parse_spec
+    from tasks.locations import machine_facts
+
+    spec = parse_spec({"name": "w", "models": [{"name": "m", "path": "/models/m", "dtype": "bfloat16"}],
+                       "methods": [{"name": "rtn"}], "bits": [4], "group_sizes": [64],
+                       "datasets": [{"name": "d", "task": "perplexity", "path": "/data/d.txt"}]})
+    (cell,) = expand(spec)
+    here = machine_facts(["/models/m", "/data/d.txt"])
+    assert here["paths"] == {"/models/m": None, "/data/d.txt": None}
+    assert here["gpu_memory_bytes"] is None  # no GPU given to this process
+    seen = {"host": "gpu-node-7", "memory_bytes": 2**40, "gpu_memory_bytes": None, "gpu_name": None,
+            "paths": {"/models/m": "dir", "/data/d.txt": "file"}, "models": {}}
+    facts = ModelFacts(widths={"hidden_size": 4096, "intermediate_size": 14336}, params=8_000_000_000)
+    assert not machine_verdict(cell, seen, facts).skip
+    # an 8B model in bfloat16, base + quantized copy on a 24 GB GPU: skipped, naming the GPU
+    small_gpu = dict(seen, gpu_memory_bytes=24 * 2**30, gpu_name="NVIDIA L4")
+    verdict = machine_verdict(cell, small_gpu, facts)
+    assert verdict.skip and verdict.error_class == "oom" and verdict.where == "worker gpu-node-7"
+    assert "worker gpu-node-7's GPU (NVIDIA L4) has 24.0 GiB" in verdict.reason
+    assert not machine_verdict(cell, dict(seen, gpu_memory_bytes=80 * 2**30), facts).skip
+    missing = machine_verdict(cell, dict(seen, paths={"/models/m": "dir", "/data/d.txt": None}), facts)
+    assert missing.skip and "dataset file /data/d.txt does not exist (checked on worker gpu-node-7)" in missing.reason
