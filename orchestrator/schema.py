@@ -160,12 +160,13 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("compute_dtype", _S, "dtype the evaluated model's unquantized parts computed in; differs from dtype "
      "when an engine changes it (GPTQModel's CPU kernels run in bfloat16): compare such cells with care"),
     ("model_bytes_in_memory", _I, "bytes of the model's parameters and buffers as held for evaluation"),
-    ("resident_base_bytes", _I, "bytes of the unquantized base model (parameters and buffers) the actor "
-     "kept beside this cell's model in the memory its peak figures measure, while it evaluated and "
-     "profiled: on CPU the base stays in the process's RSS, so peak_rss_bytes - resident_base_bytes "
-     "is the cell's own (baseline_deltas.memory_bytes uses that); on CUDA the base is moved to host "
-     "memory first, so 0 and the CUDA and NVML figures are the cell's own; 0 for the baseline (its "
-     "model is the base); null for rows of schema 1"),
+    ("resident_base_bytes", _I, "bytes the actor kept for the baseline beside this cell's model, in "
+     "the memory its peak figures measure, while it evaluated and profiled: on CPU the base model's "
+     "parameters and buffers and the baseline log-probs held in memory for KL stay in the "
+     "process's RSS, so peak_rss_bytes - resident_base_bytes is the cell's own "
+     "(baseline_deltas.memory_bytes uses that); on CUDA the base is moved to host memory first "
+     "and the log-probs live there, so 0 and the CUDA and NVML figures are the cell's own; 0 for "
+     "the baseline (its model is the base); null for rows of schema 1"),
     # profile: measured after evaluation, on the model as held (see weight_format / kernel)
     ("profile_device", _S, "device every profile figure is for: 'cpu <processor>' or 'cuda:N <GPU name>'"),
     ("profile_backend", _S, "inference backend profiled: 'transformers' (the model's PyTorch forward with "

@@ -92,8 +92,9 @@ class WorkerState:
 
     def offload_base(self) -> int:
         """Move the base model off the accelerator while another model evaluates there, so that
-        the cell's CUDA and NVML figures are its own; returns the bytes the base keeps resident
-        in what the cell's peak figures measure (host memory on CPU, where it cannot move)."""
+        the cell's CUDA and NVML figures are its own; returns the bytes kept for the baseline in
+        what the cell's peak figures measure: on CPU, where nothing can move, the base model and
+        the baseline log-probs held in memory for KL."""
         if self._model is None:
             return 0
         if self.device.startswith("cuda"):
@@ -103,7 +104,7 @@ class WorkerState:
             return 0
         from tasks.models import model_bytes
 
-        return model_bytes(self._model)
+        return model_bytes(self._model) + sum(r.cached_bytes for r in self._references.values())
 
     def prepared_data(self, cell: Any, tokenizer: Any) -> Any:
         """The cell's evaluation data, read and built once per dataset per actor."""

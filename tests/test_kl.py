@@ -136,4 +136,4 @@ def test_reference_runs_outside_every_cell_and_spills_to_disk(tiny_llama, monkey
     # the base model the actor keeps beside a quantized cell is reported apart (CPU: in RSS)
     base_bytes = model_bytes(state._model)
     assert rows[("baseline", None, "pydoc")]["resident_base_bytes"] == 0
-    assert rows[("rtn", 4, "wiki")]["resident_base_bytes"] == base_bytes > 0
+    assert rows[("rtn", 4, "wiki")]["resident_base_bytes"] == base_bytes > 0  # log-probs on disk here
