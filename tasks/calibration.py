@@ -13,7 +13,9 @@ tokens gives fewer windows (the row's ``calibration_tokens`` says how many token
 Hub ids are read from their ``train`` split, so that calibration never sees a test split.
 
 The statistics do not depend on bits or group size: an actor computes them once per (model,
-calibration spec) and every quantization group of a sweep reuses them (``tasks.worker``).
+calibration spec), only for methods whose registry entry says ``needs_activation_stats`` (gsq:
+GPTQ, AWQ and SmoothQuant engines measure what they need themselves), keeps them on the host,
+and every quantization group of a sweep reuses them (``tasks.worker``).
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def activation_stats(model: Any, data: CalibrationSet, batch_size: int = 8) -> d
     finally:
         for handle in handles:
             handle.remove()
-    return {name: LayerStats(sums[name] / counts[name], grams[name] / counts[name], counts[name])
+    # kept on the host: the accelerator holds them only while they accumulate
+    return {name: LayerStats((sums[name] / counts[name]).cpu(), (grams[name] / counts[name]).cpu(), counts[name])
             for name in sums if counts[name]}
 
 

@@ -74,7 +74,8 @@ def export_cell(row: dict[str, Any], out: Path, state: Any = None) -> dict[str, 
             model, report = cached.model, cached.report
             log.info("export %s: quantized model from the artifact cache", cell.cell_id)
         else:
-            calib = state.calibration(cell.calibration) if info.calibrated(cell.params) else None
+            calib = (state.calibration(cell.calibration, stats=info.needs_activation_stats)
+                     if info.calibrated(cell.params) else None)
             model, report, seconds = quantize(cell, state, base, calib, workdir)
             log.info("export %s: quantized in %.1f s", cell.cell_id, seconds)
         if not report.checkpoint_dir and report.weight_format not in ("dense", "fake-quant"):

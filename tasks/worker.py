@@ -122,15 +122,18 @@ class WorkerState:
             self._references[key] = BaselineLogprobs(self._model, spill_dir=scratch_dir())
         return self._references[key]
 
-    def calibration(self, spec: dict[str, Any]) -> Calibration:
-        """Calibration windows and the base model's activation statistics, built once per
-        calibration spec per model: they depend on neither bits nor group size."""
+    def calibration(self, spec: dict[str, Any], stats: bool = True) -> Calibration:
+        """Calibration windows, once per calibration spec per model, and (``stats``: only for
+        methods that read them) the base model's per-layer activation statistics, computed once
+        and kept on the host. They depend on neither bits nor group size."""
         key = json.dumps([self._model_key, spec], sort_keys=True, default=str)
-        if key not in self._calibrations:
-            data = load_calibration(spec, self._tokenizer)
-            self._calibrations[key] = Calibration(data, activation_stats(self._model, data))
+        cached = self._calibrations.get(key)
+        if cached is None:
+            cached = self._calibrations[key] = Calibration(load_calibration(spec, self._tokenizer), {})
+        if stats and not cached.stats:
+            cached = self._calibrations[key] = Calibration(cached.data, activation_stats(self._model, cached.data))
             self.calibration_runs += 1
-        return self._calibrations[key]
+        return cached
 
 
 def scratch_dir() -> Path:
@@ -224,7 +227,7 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
             if info.calibrated(head.params):
                 stage = "calibrate"
                 with Timer(state.device) as calib_time:
-                    calib = state.calibration(head.calibration)
+                    calib = state.calibration(head.calibration, stats=info.needs_activation_stats)
                 calib_ids = calib.data.input_ids
                 columns |= {"calibration_tokens": calib.data.tokens, "calibration_hash": calib.data.token_hash}
                 log.info("group %s: calibration %d tokens (%s) in %.1f s", group.group_id, calib.data.tokens,

@@ -188,3 +188,26 @@ def test_gsq_beats_rtn_on_smollm2():
         assert row["status"] == "ok", row.get("error_message")
         perplexity[group.head.method] = row["primary_value"]
     assert perplexity["gsq"] < 0.9 * perplexity["rtn"], perplexity
+
+
+def test_only_methods_that_read_them_get_activation_statistics(tiny_llama):
+    """GPTQ measures its own Hessians: a GPTQ group computes no in x in statistics; a gsq group
+    after it on the same actor computes them once, on the same windows, and keeps them on the host."""
+    from inline import run_inline
+
+    from orchestrator.spec import parse_spec
+    from tasks.worker import WorkerState
+
+    spec = parse_spec(dict(SPEC, models=[{"name": "tiny", "path": str(tiny_llama)}], bits=[4],
+                           methods=[{"name": "gptq", "engine": "llmcompressor"}]))
+    state = WorkerState(threads=1)
+    rows = [row for _, row in run_inline(spec, state)]
+    assert rows and all(r["status"] == "ok" for r in rows)
+    assert state.calibration_runs == 0
+    (calibration,) = state._calibrations.values()
+    assert calibration.stats == {} and calibration.data.tokens == 512
+    stats = state.calibration(spec.calibration, stats=True).stats
+    assert state.calibration_runs == 1 and stats
+    assert all(s.gram.device.type == "cpu" for s in stats.values())
+    (again,) = state._calibrations.values()
+    assert again.data is calibration.data  # the windows were not tokenized again

@@ -82,6 +82,9 @@ class MethodInfo:
     # engine name -> its capabilities, for methods whose config has an ``engine`` field
     engines: dict[str, Capabilities] | None = None
     in_place: bool = True  # changes the model's weights, so it gets a copy of the base model
+    # reads the per-layer input statistics (mean |x|, X^T X) of the calibration windows: an
+    # in x in float32 matrix per linear layer (39 GB for Llama-3.1-8B), computed only for these
+    needs_activation_stats: bool = False
     packages: tuple[str, ...] = ()  # importable modules it needs (checked before any cell runs)
 
     def caps(self, params: dict[str, Any]) -> Capabilities:
@@ -132,6 +135,7 @@ METHODS: dict[str, MethodInfo] = {
         description="group scaling quantization: activation-aware input-channel scales searched "
                     "on calibration data, then rtn's group quantizer (torch, fake-quant)",
         needs_calibration=True,
+        needs_activation_stats=True,
         capabilities=Capabilities(bits=frozenset(range(2, 9))),
     ),
     # Engine-backed methods: capabilities are each engine's measured reach (see the engine
