@@ -37,6 +37,7 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "QSWEEP_CAC
                  "TRANSFORMERS_OFFLINE", "QSWEEP_ARTIFACT_CACHE", "QSWEEP_ARTIFACT_CACHE_GB",
                  "QSWEEP_SCRATCH", "QSWEEP_REFERENCE_CACHE_MB")
 DONE_STATUSES = ("ok",)
+GROW_EVERY_S = 10.0  # how often a driver with queued groups looks for GPU slots that appeared
 
 
 def spec_hash(spec: Spec) -> str:
@@ -267,7 +268,11 @@ class SweepRun:
         idle = pool.start_many(pool.size)
         running: dict[Any, Running] = {}
         held_model: dict[Any, str] = {}
+        grown_at = time.monotonic()
         while queue or running:
+            if len(queue) > len(idle) and time.monotonic() - grown_at > GROW_EVERY_S:
+                grown_at = time.monotonic()  # a node that joined gets actors
+                idle.extend(pool.grow(len(queue) - len(idle)))
             while idle and queue:
                 actor = idle.pop()
                 group = _next_group(queue, held_model.get(actor))
@@ -282,6 +287,8 @@ class SweepRun:
                 continue
             deadlines = [r.deadline for r in running.values() if r.deadline is not None]
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            if queue:  # wake up to look for new nodes even while every running cell is long
+                wait_s = GROW_EVERY_S if wait_s is None else min(wait_s, GROW_EVERY_S)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)
             if not ready:
                 now = time.monotonic()
@@ -291,6 +298,7 @@ class SweepRun:
                                     run.group.group_id, spec.timeout_s)
                         del running[stream]
                         _kill(ray, run.actor)
+                        pool.discard(run.actor)
                         self.lost(run, "timeout", f"no result within timeout_s={spec.timeout_s}; "
                                   "the actor was killed")
                         idle.extend(pool.start_many(1, required=False))
@@ -308,6 +316,7 @@ class SweepRun:
                 log.warning("group %s: %s; replacing its actor", run.group.group_id, message[:200])
                 del running[stream]
                 _kill(ray, run.actor)
+                pool.discard(run.actor)
                 self.lost(run, error_class, message)
                 idle.extend(pool.start_many(1, required=False))
                 continue
@@ -449,37 +458,91 @@ class CellActor:
 
 
 class ActorPool:
-    """One actor per GPU, or ``cpu_actors`` CPU actors sharing the CPUs."""
+    """One actor per GPU, each pinned to its node and asking for that node's CPUs per GPU (not
+    the cluster's: a CPU-heavy head must not starve the GPU nodes of actors); without GPUs,
+    ``cpu_actors`` CPU actors sharing the CPUs. The GPU slots are read again when actors are
+    replaced or the pool grows, so nodes that died drop out and nodes that joined get actors."""
 
     def __init__(self, n_groups: int, cpu_actors: int):
         import ray
 
-        resources = ray.cluster_resources()
-        n_gpus = int(resources.get("GPU", 0))
-        n_cpus = max(1, int(resources.get("CPU", 1)))
-        if n_gpus:
-            self.size = min(n_gpus, n_groups)
-            self.options = {"num_gpus": 1, "num_cpus": max(1, n_cpus // n_gpus)}
-        else:
-            self.size = min(cpu_actors, n_groups)
-            self.options = {"num_cpus": max(1, n_cpus // self.size)}
+        self.cpu_actors = cpu_actors
         self._remote = ray.remote(CellActor)
+        self.node_of: dict[Any, str | None] = {}  # live actor -> the node it is pinned to
+        slots = self._slots()
+        self.size = min(sum(n for _, n, _ in slots) if slots[0][0] else slots[0][1], n_groups)
+        self.options = self._options(slots[0])
+
+    def _slots(self) -> list[tuple[str | None, int, int]]:
+        """(node id, actors it takes, CPUs per actor) per alive GPU node; [(None, cpu_actors,
+        CPUs per actor)] on a cluster without GPUs."""
+        import ray
+
+        gpu_nodes = []
+        for node in ray.nodes():
+            resources = node.get("Resources") or {}
+            gpus = int(resources.get("GPU", 0))
+            if node.get("Alive") and gpus:
+                gpu_nodes.append((node["NodeID"], gpus, int(resources.get("CPU", 0)) // gpus))
+        if gpu_nodes:
+            return gpu_nodes
+        n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return [(None, self.cpu_actors, max(1, n_cpus // self.cpu_actors))]
+
+    @staticmethod
+    def _options(slot: tuple[str | None, int, int]) -> dict[str, Any]:
+        node, _, cpus = slot
+        return {"num_gpus": 1, "num_cpus": cpus} if node else {"num_cpus": cpus}
+
+    def _free_slots(self, count: int) -> list[tuple[str | None, int, int]]:
+        """Up to ``count`` slots no live actor holds, GPU nodes filled in turn."""
+        taken = Counter(self.node_of.values())
+        free = []
+        for slot in self._slots():
+            free += [slot] * max(0, slot[1] - taken[slot[0]])
+        return free[:count]
+
+    def discard(self, actor: Any) -> None:
+        self.node_of.pop(actor, None)
+
+    def grow(self, wanted: int) -> list[Any]:
+        """Actors on slots that appeared since (a node joined), up to ``wanted``."""
+        free = self._free_slots(wanted)
+        return self._start(free) if free else []
 
     @property
     def start_timeout_s(self) -> float:
         return float(os.environ.get("QSWEEP_ACTOR_START_TIMEOUT_S") or 600)
 
     def start_many(self, count: int, required: bool = True) -> list[Any]:
-        """Start actors and wait until each has imported its libraries, so that no timeout
-        clock runs while an actor is still starting. Actors not up within the start timeout
-        (the cluster has no room for them) are killed and left out, with a warning; the caller
-        copes with fewer (``required`` is for the log line only)."""
-        import ray
+        """Start up to ``count`` actors on free slots and wait until each has imported its
+        libraries, so that no timeout clock runs while an actor is still starting. Actors not up
+        within the start timeout (the cluster has no room for them) are killed and left out, with
+        a warning; the caller copes with fewer (``required`` is for the log line only)."""
+        slots = self._free_slots(count)
+        if not slots and self.node_of == {}:  # nothing known to be free: try the first slot anyway
+            slots = self._slots()[:1]
+        started = self._start(slots)
+        if len(started) < count:
+            log.warning("%d of %d %sactors started within %.0f s (resources %s)", len(started), count,
+                        "" if required else "replacement ", self.start_timeout_s, self.options)
+        return started
 
-        actors = [self._remote.options(**self.options).remote(self.options["num_cpus"])
-                  for _ in range(count)]
+    def _start(self, slots: list[tuple[str | None, int, int]]) -> list[Any]:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        actors = []
+        for slot in slots:
+            options = self._options(slot)
+            if slot[0] is not None:  # pinned: its CPU ask is that node's CPUs per GPU
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slot[0], soft=False)
+            actor = self._remote.options(**options).remote(max(1, options["num_cpus"]))
+            self.node_of[actor] = slot[0]
+            actors.append(actor)
         pending = {a.ready.remote(): a for a in actors}
-        ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=self.start_timeout_s)
+        ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=self.start_timeout_s) \
+            if pending else ([], [])
         started = []
         for ref in ready:
             try:
@@ -487,12 +550,11 @@ class ActorPool:
                 started.append(pending[ref])
             except ray.exceptions.RayError as exc:
                 log.warning("an actor failed to start: %s", str(exc)[:500])
+                self.discard(pending[ref])
                 _kill(ray, pending[ref])
         for ref in late:
+            self.discard(pending[ref])
             _kill(ray, pending[ref])
-        if len(started) < count:
-            log.warning("%d of %d %sactors started within %.0f s (resources %s)", len(started), count,
-                        "" if required else "replacement ", self.start_timeout_s, self.options)
         return started
 
     def probe(self, paths: list[str], model_paths: list[str], timeout_s: float = 120) -> dict[str, Any] | None:

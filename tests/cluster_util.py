@@ -7,7 +7,11 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
 
 
 def free_ports(count: int) -> list[int]:
@@ -73,3 +77,32 @@ def write_tiny_spec(path, name: str, model, text_file, rtn: dict | None = None) 
         "datasets": [{"name": "corpus", "task": "perplexity", "path": str(text_file), "limit": 2,
                       "seq_len": 32}],
     }))
+
+
+def start_node(home: Path, temp_dir: Path, head_port: int | None, cpus: int, gpus: int, log_name: str):
+    """`ray start` of a head (``head_port`` None) or a worker joining it, with its own ports,
+    ``HOME`` and logical CPUs / GPUs; returns (process, GCS port, log file) once the node's own
+    node-manager port listens (so the next node's free ports cannot be the same ones)."""
+    ports = free_ports(8)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--num-gpus", str(gpus),
+              "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
+              "--dashboard-agent-listen-port", str(ports[2]), "--dashboard-agent-grpc-port", str(ports[3]),
+              "--metrics-export-port", str(ports[4]), "--runtime-env-agent-port", str(ports[5]),
+              "--object-store-memory", str(300 * 2**20),  # several nodes share this machine's /dev/shm
+              "--disable-usage-stats", "--block"]
+    if head_port is None:
+        gcs = ports[6]
+        command = [str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--include-dashboard", "false",
+                   "--ray-client-server-port", str(ports[7]), "--temp-dir", str(temp_dir), *common]
+    else:
+        gcs = head_port
+        command = [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{head_port}", *common]
+    log = open(temp_dir.parent / log_name, "wb")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    wait_for_port(ports[0], 90, process)
+    return process, gcs, log

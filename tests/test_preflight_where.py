@@ -19,36 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster_util import free_ports, stop_group, wait_for_port
+from cluster_util import start_node, stop_group, wait_for_port
 
 from analysis.views import connect
 
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.cluster
-
-
-def start_node(home: Path, temp_dir: Path, head_port: int | None, cpus: int, log_name: str):
-    ports = free_ports(8)
-    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}",
-           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.pop("RAY_ADDRESS", None)
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--num-gpus", "0",
-              "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
-              "--dashboard-agent-listen-port", str(ports[2]), "--dashboard-agent-grpc-port", str(ports[3]),
-              "--metrics-export-port", str(ports[4]), "--runtime-env-agent-port", str(ports[5]),
-              "--disable-usage-stats", "--block"]
-    if head_port is None:
-        gcs = ports[6]
-        command = [str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--include-dashboard", "false",
-                   "--ray-client-server-port", str(ports[7]), "--temp-dir", str(temp_dir), *common]
-    else:
-        gcs = head_port
-        command = [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{head_port}", *common]
-    log = open(temp_dir.parent / log_name, "wb")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    return process, gcs, log
 
 
 @pytest.fixture
@@ -58,11 +33,11 @@ def two_homes_cluster(tmp_path):
     head_home.mkdir()
     worker_home.mkdir()
     (base / "ray").mkdir()
-    head, gcs, head_log = start_node(head_home, base / "ray", None, cpus=0, log_name="head.log")
+    head, gcs, head_log = start_node(head_home, base / "ray", None, cpus=0, gpus=0, log_name="head.log")
     processes, logs = [head], [head_log]
     try:
         wait_for_port(gcs, 90, head)
-        worker, _, worker_log = start_node(worker_home, base / "ray", gcs, cpus=2, log_name="worker.log")
+        worker, _, worker_log = start_node(worker_home, base / "ray", gcs, cpus=2, gpus=0, log_name="worker.log")
         processes.append(worker)
         logs.append(worker_log)
         env = {**os.environ, "HOME": str(head_home), "RAY_ADDRESS": f"127.0.0.1:{gcs}",
