@@ -38,7 +38,7 @@ from tasks.errors import (
 )
 from tasks.evaluate.reference import BaselineLogprobs
 from tasks.evaluate.registry import get_task
-from tasks.models import cache_dir, load_model, resolve_model_path
+from tasks.models import load_model, resolve_model_path
 from tasks.profile.columns import eval_memory_columns, speed_columns, speed_metrics
 from tasks.profile.sizes import dense_weight_bytes, profile_sizes
 from tasks.profile.speed import profile_speed
@@ -137,9 +137,13 @@ class WorkerState:
 
 
 def scratch_dir() -> Path:
-    """Where quantizations write checkpoints while a group runs (removed when it ends):
-    ``$QSWEEP_SCRATCH``, else ``<cache>/scratch``."""
-    path = Path(os.environ.get("QSWEEP_SCRATCH") or cache_dir() / "scratch")
+    """Where quantizations write checkpoints while a group runs (removed when it ends), on the
+    node's own disk: ``$QSWEEP_SCRATCH``, else the job's node-local temporary folder
+    (``$SLURM_TMPDIR``, ``$TMPDIR``: a Kubernetes ``emptyDir`` is mounted there), else the
+    system's (``/tmp``), never the home folder a cluster often shares over the network."""
+    chosen = (os.environ.get("QSWEEP_SCRATCH") or os.environ.get("SLURM_TMPDIR")
+              or str(Path(tempfile.gettempdir())))
+    path = Path(chosen) / ("" if os.environ.get("QSWEEP_SCRATCH") else "qsweep-scratch")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
