@@ -226,7 +226,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for reason, n in reasons.items():
         example = next(c for c in plan.cells if c.cell_id in plan.skipped
                        and plan.skipped[c.cell_id].reason == reason)
-        print(f"  skip ({n} cells, e.g. {_label(example)}): {reason}")
+        verdict = plan.skipped[example.cell_id]
+        again = ("; `qsweep run` judges it again on a worker, where the cells run"
+                 if verdict.error_class in ("data", "oom") and (verdict.where or "").startswith("driver") else "")
+        print(f"  skip ({n} cells, e.g. {_label(example)}): {reason}{again}")
     notes = Counter(plan.notes.values())
     for note, n in notes.items():
         # a deferred check is a check not done: say so louder than a fallback note
