@@ -8,6 +8,7 @@ bad arguments; 1 when the driver itself fails; 3 when another driver holds the s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(adding a dataset to a finished study does not quantize again); off by default")
     p.add_argument("--artifact-cache-gb", type=_float, default=None, metavar="GB",
                    help="size cap of the artifact cache; least recently used entries go first (default 20)")
+    p.add_argument("--isolate", action="store_true",
+                   help="run every cell this sweep has no ok row for, even when another sweep of the "
+                        "same results finished it (default: reuse it; the spec's `reuse: false` says the same)")
     p.add_argument("--wait", action="store_true",
                    help="when another driver is running this sweep on the same results, wait for it "
                         "to finish (or for its heartbeat to stop) instead of exiting with code 3")
@@ -214,7 +218,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, max_cells=args.max_cells)
     plan = make_plan(spec, Store(args.results))
     print(f"sweep {spec.name}: {len(plan.cells)} cells in "
-          f"{len({c.group_id for c in plan.cells})} quantization groups; {len(plan.done)} done, "
+          f"{len({c.group_id for c in plan.cells})} quantization groups; {len(plan.done)} done"
+          + (f" ({len(plan.reused)} by other sweeps of the store, reused)" if plan.reused else "") + ", "
           f"{len(plan.skipped)} skipped by preflight, {len(plan.pending)} to run")
     attribute = {"model": lambda c: c.model.name, "method": lambda c: c.method,
                  "bits": lambda c: c.bits, "group_size": lambda c: c.group_size,
@@ -247,6 +252,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.driver import run_sweep
 
     spec = load_spec(args.spec, max_cells=args.max_cells)
+    if args.isolate:
+        spec = dataclasses.replace(spec, reuse=False)
     try:
         rerun = parse_rerun(args.rerun, expand(spec)) if args.rerun else []
     except ValueError as exc:
@@ -267,7 +274,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("qsweep").exception("the driver failed; finished cells are in the store")
         return EXIT_DRIVER
     print(f"ran {result.ran} cells in {result.wall_s:.1f} s; rows written: {result.rows_written} "
-          f"({', '.join(f'{k}: {v}' for k, v in sorted(result.statuses.items())) or 'none'})")
+          f"({', '.join(f'{k}: {v}' for k, v in sorted(result.statuses.items())) or 'none'})"
+          + (f"; reused from other sweeps: {result.reused}" if result.reused else ""))
     print(summary_table(args.results, spec.name))
     print(f"results: {store.cells_dir(spec.name)}")
     return EXIT_OK
@@ -326,7 +334,8 @@ def summary_table(results: str, sweep: str) -> str:
                round(compression_ratio, 2) as x_smaller,
                coalesce(error_class || ': ' || error_message,
                         nullif(concat_ws('; ', fallback, case when compute_dtype <> dtype
-                                                              then 'computed in ' || compute_dtype end), '')) as note
+                                                              then 'computed in ' || compute_dtype end,
+                                         'reused from ' || reused_from), '')) as note
         from cells order by model, dataset, method, bits nulls first, group_size, params
     """
     rel = con.execute(sql)

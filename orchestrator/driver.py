@@ -55,6 +55,7 @@ class Plan:
     prior_attempts: dict[str, int] = field(default_factory=dict)  # of cells not yet ok
     skips_on_record: set[tuple[str, str]] = field(default_factory=set)  # (cell_id, reason) stored
     ok_on_record: set[str] = field(default_factory=set)  # cells with an ok row (rerun ones too)
+    reused: dict[str, str] = field(default_factory=dict)  # cell_id -> the other sweep it is ok in
     facts: dict[str, Any] = field(default_factory=dict)  # model path -> ModelFacts on the driver
 
 
@@ -72,7 +73,16 @@ def make_plan(spec: Spec, store: Store | None, rerun: list[dict[str, list]] | No
         table = store.read(spec.name, columns=["cell_id", "status", "error_message", "attempts"])
         existing = {r["cell_id"]: r for r in table.to_pylist()}
     ok_on_record = {cid for cid, r in existing.items() if r["status"] in DONE_STATUSES}
-    done = ok_on_record - rerun_ids(rerun or [], cells)
+    again = rerun_ids(rerun or [], cells)
+    done = ok_on_record - again
+    reused = {}
+    if store is not None and spec.reuse and store.files():
+        # a cell's identity is the experiment: one finished ok in any sweep of the store is done
+        wanted = {c.cell_id for c in cells} - ok_on_record - again
+        others = store.read(None, columns=["cell_id", "status", "sweep"])
+        reused = {r["cell_id"]: r["sweep"] for r in others.to_pylist()
+                  if r["cell_id"] in wanted and r["status"] in DONE_STATUSES and r["sweep"] != spec.name}
+        done |= set(reused)
     skipped, notes, pending, verdicts = {}, {}, [], {}
     for cell in cells:
         if cell.cell_id in done:
@@ -93,7 +103,8 @@ def make_plan(spec: Spec, store: Store | None, rerun: list[dict[str, list]] | No
     prior = {c.cell_id: existing[c.cell_id]["attempts"] or 0 for c in pending if c.cell_id in existing}
     on_record = {(cid, r["error_message"]) for cid, r in existing.items() if r["status"] == "skipped"}
     return Plan(cells=cells, done=done, skipped=skipped, notes=notes, pending=pending,
-                prior_attempts=prior, skips_on_record=on_record, ok_on_record=ok_on_record, facts=facts)
+                prior_attempts=prior, skips_on_record=on_record, ok_on_record=ok_on_record, facts=facts,
+                reused=reused)
 
 
 def complete_row(cell: Cell, partial: dict[str, Any], sweep_hash: str, attempts: int) -> dict[str, Any]:
@@ -115,6 +126,7 @@ class RunResult:
     rows_written: int
     statuses: Counter
     wall_s: float
+    reused: int = 0  # cells another sweep of the store had finished, written as this sweep's rows
 
 
 @dataclass
@@ -155,7 +167,7 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
     finally:
         lease.release()
     return RunResult(ran=sweep.ran, rows_written=sweep.written, statuses=sweep.statuses,
-                     wall_s=time.perf_counter() - started)
+                     wall_s=time.perf_counter() - started, reused=sweep.reused)
 
 
 class SweepRun:
@@ -165,7 +177,7 @@ class SweepRun:
         self.spec, self.store, self.lease, self.progress = spec, store, lease, progress
         self.sweep_hash = spec_hash(spec)
         self.statuses: Counter = Counter()
-        self.written = self.ran = 0
+        self.written = self.ran = self.reused = 0
         self.tries: Counter = Counter()  # attempts per cell ended by a crash, a Ray error or a timeout
         self.queue: list[Group] = []
         self.bar: Any = None
@@ -194,6 +206,21 @@ class SweepRun:
             self.bar.update(len(rows))
             self.bar.set_postfix({k: v for k, v in self.statuses.items() if v})
 
+    def reuse(self) -> None:
+        """Rows for the cells another sweep of the store finished ok: that sweep's row, in this
+        sweep's name, saying where it came from (``reused_from``); nothing runs again."""
+        if not self.plan.reused:
+            return
+        rows = []
+        for row in self.store.read_cells(set(self.plan.reused)).to_pylist():
+            if row["status"] != "ok":
+                continue
+            origin = f"{row['sweep']} (run {row['run_id']})" if row.get("run_id") else row["sweep"]
+            rows.append({**row, "sweep": self.spec.name, "spec_hash": self.sweep_hash, "reused_from": origin})
+        log.info("sweep %s: %d cells reused from other sweeps of the store", self.spec.name, len(rows))
+        self.write(rows)
+        self.reused = len(rows)
+
     def skip(self, cells: list[Cell], verdicts: dict[str, Any]) -> None:
         on_record = self.plan.skips_on_record
         self.record([skipped_row(c, verdicts[c.cell_id], self.sweep_hash) for c in cells
@@ -220,6 +247,7 @@ class SweepRun:
     def run(self, gpus: int | None, cpu_actors: int, verbose: bool,
             rerun: list[dict[str, list]] | None) -> None:
         self.plan = plan = make_plan(self.spec, self.store, rerun, machine=False)
+        self.reuse()
         self.skip([c for c in plan.cells if c.cell_id in plan.skipped], plan.skipped)
         if not plan.pending:
             return

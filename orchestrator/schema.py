@@ -234,6 +234,9 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("checked_on", _S, "where the preflight checks of this cell ran: 'driver <host>' (spec-level "
      "facts: shapes, capabilities) or 'worker <host>' (facts of the machines cells run on: model "
      "directories, dataset files, memory)"),
+    ("reused_from", _S, "where this row's results came from when the sweep reused a cell another sweep "
+     "of the store had finished ok ('<sweep> (run <run_id>)'); the row is that sweep's, re-stamped "
+     "with this sweep's name; null when this sweep ran the cell"),
     # writer's sequence: the order of a cell's rows, whatever the hosts' clocks say
     ("run_id", _S, "the driver run that wrote this row: '<host>:<pid>:g<write_generation>'"),
     ("write_generation", _I, "generation of the sweep's lease held by the driver that wrote this row: "

@@ -37,6 +37,8 @@ TOP_LEVEL_KEYS = {
     "exclude": "list of {axis: value | [values]} rules; a cell matching every key is dropped",
     "seed": "integer seed recorded in every cell (default 0)",
     "cpu_actors": "number of CPU actors when the cluster has no GPU (default 1)",
+    "reuse": "true (default): a cell finished ok in another sweep of the same store is reused, not "
+             "run again; false: this sweep runs its own (isolation)",
     "retries": "{crash: 2, oom: 2, timeout: 0}: retries per failure class",
     "timeout_s": "hard limit in seconds for loading + quantizing a group, and for each cell's evaluation + profiling",
     "profile": "{prompt_len, gen_len, batch_sizes, repeats, warmup}: how latency, throughput and "
@@ -125,6 +127,7 @@ class Spec:
     timeout_s: float | None
     raw: dict[str, Any] = field(repr=False, compare=False)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    reuse: bool = True
 
 
 def canonical_json(payload: Any) -> str:
@@ -205,6 +208,9 @@ def parse_spec(raw: Any, source: str = "<spec>", max_cells: int = DEFAULT_MAX_CE
     if not isinstance(cpu_actors, int) or isinstance(cpu_actors, bool) or cpu_actors < 1:
         problems.add("cpu_actors", cpu_actors, "must be an integer >= 1")
 
+    reuse = raw.get("reuse", True)
+    if not isinstance(reuse, bool):
+        problems.add("reuse", reuse, "must be true or false")
     retries = _parse_retries(raw.get("retries", {}), problems)
     timeout_s = raw.get("timeout_s")
     if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
@@ -218,7 +224,7 @@ def parse_spec(raw: Any, source: str = "<spec>", max_cells: int = DEFAULT_MAX_CE
         source=source, name=name, models=tuple(models), methods=tuple(methods),
         bits=tuple(bits), group_sizes=tuple(group_sizes), datasets=tuple(datasets),
         calibration=calibration, exclude=tuple(exclude), seed=seed, cpu_actors=cpu_actors,
-        retries=retries, timeout_s=timeout_s, raw=raw, profile=profile,
+        retries=retries, timeout_s=timeout_s, raw=raw, profile=profile, reuse=reuse,
     )
     _check_exclude_values(spec, problems)
     _check_capabilities(spec, problems, max_cells)

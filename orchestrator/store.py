@@ -222,6 +222,13 @@ class Store:
         was renamed since the oldest schema."""
         return _dataset(self.files(sweep), self.fs)
 
+    def read_cells(self, cell_ids: set[str], sweep: str | None = None) -> pa.Table:
+        """The rows of these cells (one per cell, ``ROW_ORDER``), every column."""
+        if not cell_ids or not self.files(sweep):
+            return SCHEMA.empty_table()
+        table = self.dataset(sweep).to_table(filter=pc.field("cell_id").isin(sorted(cell_ids)))
+        return _newest(table)
+
     def read(self, sweep: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """All rows, one per cell_id (``ROW_ORDER``)."""
         order = {key for key, _ in ROW_ORDER if key != "status_ok"} | {"status", "cell_id"}

@@ -316,3 +316,35 @@ def test_machine_verdicts_use_the_workers_facts():
     assert not machine_verdict(cell, dict(seen, gpu_memory_bytes=80 * 2**30), facts).skip
     missing = machine_verdict(cell, dict(seen, paths={"/models/m": "dir", "/data/d.txt": None}), facts)
     assert missing.skip and "dataset file /data/d.txt does not exist (checked on worker gpu-node-7)" in missing.reason
+
+
+# Accumulated studies (issue 22.3): a finished cell is reused across sweeps of one store ---------
+
+def test_a_second_sweep_runs_only_its_new_cells(tmp_path, tiny_llama, text_file):
+    results = tmp_path / "r"
+    first = tmp_path / "first.yaml"
+    write_tiny_spec(first, "first", tiny_llama, text_file)  # baseline + rtn 4-bit g32
+    done = qsweep("run", str(first), "--results", str(results), "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0 and "ran 2 cells" in done.stdout, done.stderr[-3000:]
+    second = tmp_path / "second.yaml"
+    spec = yaml.safe_load(first.read_text()) | {"name": "second", "bits": [4, 8]}  # one new cell
+    second.write_text(yaml.safe_dump(spec))
+    plan = qsweep("plan", str(second), "--results", str(results), cwd=tmp_path)
+    assert "3 cells in 3 quantization groups; 2 done (2 by other sweeps of the store, reused)" in plan.stdout
+    again = qsweep("run", str(second), "--results", str(results), "--no-progress", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "ran 1 cells" in again.stdout and "reused from other sweeps: 2" in again.stdout
+    con = connect(str(results), "second")
+    rows = con.execute("select method, bits, status, reused_from from cells order by method, bits").fetchall()
+    assert [(m, b, s) for m, b, s, _ in rows] == [("baseline", None, "ok"), ("rtn", 4, "ok"), ("rtn", 8, "ok")]
+    assert rows[0][3].startswith("first (run ") and rows[1][3].startswith("first (run ") and rows[2][3] is None
+    first_values = dict(connect(str(results), "first").execute(
+        "select cell_id, primary_value from cells").fetchall())
+    for cell_id, value in con.execute("select cell_id, primary_value from cells where reused_from is not null").fetchall():
+        assert first_values[cell_id] == value  # the same result, not a recomputation
+    # every view spans the store's sweeps; --isolate runs a sweep's own cells
+    assert connect(str(results)).execute("select count(distinct cell_id) from cells").fetchone() == (3,)
+    isolated = tmp_path / "isolated.yaml"
+    isolated.write_text(yaml.safe_dump(spec | {"name": "isolated"}))
+    alone = qsweep("run", str(isolated), "--results", str(results), "--no-progress", "--isolate", cwd=tmp_path)
+    assert alone.returncode == 0 and "ran 3 cells" in alone.stdout, alone.stderr[-3000:]
