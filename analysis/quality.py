@@ -115,8 +115,9 @@ def _sign_flip(diffs: tuple[float, ...]) -> PairedTest | None:
     # Null distribution of the sum under sign flips of (d - shift): a - shift * b, per pattern.
     a, b = [], []
     patterns = _sign_patterns(n)
-    for start in range(0, len(patterns), max(1, 4_000_000 // n)):
-        chunk = patterns[start:start + max(1, 4_000_000 // n)].astype(np.float64)
+    rows_per_chunk = max(1, 4_000_000 // n)  # about 32 MB of float64 at a time
+    for start in range(0, len(patterns), rows_per_chunk):
+        chunk = patterns[start:start + rows_per_chunk].astype(np.float64)
         a.append(chunk @ d)
         b.append(chunk.sum(axis=1))
     a, b = np.concatenate(a), np.concatenate(b)

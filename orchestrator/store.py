@@ -177,12 +177,14 @@ class Store:
             part = f"{self.base}/{sweep}/compacted/part-{uuid.uuid4().hex}.parquet"
             _put(self.fs, part, _parquet_bytes(table.slice(start, rows_per_file)))
             outputs.append(part)
-        for info, now in zip(sources, self.fs.get_file_info(paths)):
-            if now.type != pafs.FileType.File or now.size != info.size:
-                continue  # gone, or rewritten since it was read: keep it
-            if "/cells/" in info.path and _sequences([info.path], self.fs) != {info.path: read_as[info.path]}:
+        unchanged = [info.path for info, now in zip(sources, self.fs.get_file_info(paths))
+                     if now.type == pafs.FileType.File and now.size == info.size]
+        cell_files = [path for path in unchanged if "/cells/" in path]
+        read_now = _sequences(cell_files, self.fs) if cell_files else {}
+        for path in unchanged:
+            if "/cells/" in path and (path not in read_as or read_now.get(path) != read_as[path]):
                 continue  # rewritten with a row of another write sequence but the same size
-            self._delete(info.path)
+            self._delete(path)
         return len(sources), len(outputs)
 
     def _delete(self, path: str) -> None:

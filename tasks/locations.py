@@ -38,13 +38,18 @@ def machine_facts(paths: list[str]) -> dict[str, Any]:
     and for each local path whether it is a directory or a file there."""
     import psutil
 
+    gpu_bytes, gpu_name = visible_gpu()
+    return {"host": socket.gethostname(), "memory_bytes": psutil.virtual_memory().total,
+            "gpu_memory_bytes": gpu_bytes, "gpu_name": gpu_name, "paths": path_kinds(paths)}
+
+
+def path_kinds(paths: list[str]) -> dict[str, str | None]:
+    """Each local path on this machine: 'dir', 'file', or None when it is not there."""
     found = {}
     for path in paths:
         local = Path(path).expanduser()
         found[path] = "dir" if local.is_dir() else "file" if local.exists() else None
-    gpu_bytes, gpu_name = visible_gpu()
-    return {"host": socket.gethostname(), "memory_bytes": psutil.virtual_memory().total,
-            "gpu_memory_bytes": gpu_bytes, "gpu_name": gpu_name, "paths": found}
+    return found
 
 
 def visible_gpu() -> tuple[int | None, str | None]:

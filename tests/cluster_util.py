@@ -14,6 +14,14 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+def offline_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a `qsweep` subprocess on an embedded Ray: offline, no
+    usage stats, no RAY_ADDRESS inherited from a cluster test."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", **extra)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def free_ports(count: int) -> list[int]:
     sockets = []
     try:

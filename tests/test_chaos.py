@@ -13,6 +13,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from cluster_util import offline_env
 
 from analysis.views import connect
 from orchestrator.store import Store
@@ -57,8 +58,7 @@ def test_actor_and_driver_killed_mid_sweep(tmp_path, tiny_llama):
     path = tmp_path / "chaos.yaml"
     path.write_text(yaml.safe_dump(spec))
     results = tmp_path / "results"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
+    env = offline_env()
     command = [sys.executable, "-m", "orchestrator.cli", "run", str(path), "--results", str(results),
                "--no-progress"]
     total = 1 + 2 * 4 * 2

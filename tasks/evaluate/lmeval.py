@@ -64,7 +64,7 @@ def fewshot_source(name: str, dataset: Any, config: dict[str, Any]) -> tuple[Pat
     if settings.get("fewshot_from_eval"):
         return None, settings["split"]
     if dataset.path.startswith("builtin:"):
-        train = local_file(f"{dataset.path}-train") if _has_fixture(f"{dataset.path}-train") else None
+        train = _fixture(f"{dataset.path}-train")
         if train is not None:
             return train, split
     elif local_file(dataset.path) is None:
@@ -74,11 +74,12 @@ def fewshot_source(name: str, dataset: Any, config: dict[str, Any]) -> tuple[Pat
                     "train items) or fewshot_from_eval: true")
 
 
-def _has_fixture(path: str) -> bool:
+def _fixture(path: str) -> Path | None:
+    """The builtin fixture file ``path`` names, or None when qsweep ships none."""
     try:
-        return local_file(path) is not None
+        return local_file(path)
     except DataError:
-        return False
+        return None
 
 
 def prepare_task(name: str, dataset: Any, split_kind: str, overrides: dict[str, Any],
