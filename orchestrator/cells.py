@@ -45,7 +45,7 @@ class Cell:
 
     def quant_identity(self) -> dict[str, Any]:
         return {
-            "model": {"name": self.model.name, "path": self.model.path, "dtype": self.model.dtype},
+            "model": json.loads(self.model.canonical),
             "method": self.method,
             "params": self.params,
             "bits": self.bits,
@@ -200,6 +200,7 @@ def identity_columns(cell: Cell) -> dict[str, Any]:
         "group_id": cell.group_id,
         "model": cell.model.name,
         "model_path": cell.model.path,
+        "model_revision": cell.model.revision,
         "dtype": cell.model.dtype,
         "method": cell.method,
         "method_params": json.dumps(cell.params, sort_keys=True),

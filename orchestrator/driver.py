@@ -33,9 +33,16 @@ from orchestrator.store import Store
 
 log = logging.getLogger(__name__)
 
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "QSWEEP_CACHE",
-                 "TRANSFORMERS_OFFLINE", "QSWEEP_ARTIFACT_CACHE", "QSWEEP_ARTIFACT_CACHE_GB",
-                 "QSWEEP_SCRATCH", "QSWEEP_REFERENCE_CACHE_MB")
+# Reach every actor: the hub's address, token and offline switches, the shared caches, and qsweep's
+# own knobs. HF_TOKEN travels in Ray's runtime env (never in a row or a log line: rows and logs are
+# redacted, tasks.errors.redact).
+FORWARDED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE",
+                 "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "QSWEEP_ARTIFACT_CACHE",
+                 "QSWEEP_ARTIFACT_CACHE_GB", "QSWEEP_REFERENCE_CACHE_MB")
+# Paths of the driver's own machine: forwarded to an embedded Ray (the same machine), but on a
+# cluster only when named in QSWEEP_FORWARD_ENV (or set in the job's runtime env): a worker node
+# keeps its own (node-local scratch, its own cache).
+MACHINE_ENV = ("HF_HOME", "QSWEEP_CACHE", "QSWEEP_SCRATCH")
 DONE_STATUSES = ("ok",)
 GROW_EVERY_S = 10.0  # how often a driver with queued groups looks for GPU slots that appeared
 
@@ -416,13 +423,8 @@ def _init_ray(gpus: int | None, verbose: bool) -> None:
     """
     import ray
 
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # NVML and torch agree on device ids
-    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    for key in (job_config.get("runtime_env") or {}).get("env_vars") or {}:
-        env.pop(key, None)
-    runtime_env = {"env_vars": env}
     address = os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": actor_env(dict(os.environ), cluster=bool(address))}
     if address:
         # A cluster knows its own GPUs: never pass num_gpus when connecting.
         if gpus is not None:
@@ -435,6 +437,19 @@ def _init_ray(gpus: int | None, verbose: bool) -> None:
         # Embedded: no dashboard; Ray 2.60 turns token auth on for it.
         ray.init(address="local", num_gpus=gpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=verbose, logging_level=logging.WARNING)
+
+
+def actor_env(environ: dict[str, str], cluster: bool) -> dict[str, str]:
+    """The variables the driver adds to every actor's environment (see FORWARDED_ENV and
+    MACHINE_ENV); those the job's own runtime env sets are left to it (Ray refuses both)."""
+    named = {name.strip() for name in environ.get("QSWEEP_FORWARD_ENV", "").split(",") if name.strip()}
+    wanted = FORWARDED_ENV + tuple(k for k in MACHINE_ENV if not cluster or k in named) + tuple(sorted(named))
+    env = {k: environ[k] for k in wanted if k in environ}
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # NVML and torch agree on device ids
+    job_config = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    for key in (job_config.get("runtime_env") or {}).get("env_vars") or {}:
+        env.pop(key, None)
+    return env
 
 
 def _connect_hint(address: str, exc: Exception) -> str:

@@ -12,11 +12,12 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute in upgrade_table
 
 # Version of the row format a row was written with (stamped on each row; never part of a cell's
-# identity). 2 added the writer's sequence (run_id, write_generation, write_seq) and checked_on.
-SCHEMA_VERSION = 2
+# identity). 2 added the writer's sequence (run_id, write_generation, write_seq) and checked_on;
+# 3 added model_revision and model_commit (models from the hub).
+SCHEMA_VERSION = 3
 
 STATUSES = ("ok", "failed", "skipped", "timeout")
-ERROR_CLASSES = ("oom", "shape", "unsupported", "nan", "data", "timeout", "crash", "error")
+ERROR_CLASSES = ("oom", "shape", "unsupported", "nan", "data", "auth", "timeout", "crash", "error")
 STAGES = ("preflight", "load", "calibrate", "quantize", "evaluate", "profile")
 
 METRIC = pa.struct([
@@ -61,6 +62,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("spec_hash", _S, "hash of the whole spec file's data when this row was written"),
     ("model", _S, "model name from the spec"),
     ("model_path", _S, "model path or hub id as given ('known:<name>' for a catalogued model)"),
+    ("model_revision", _S, "the revision (branch, tag or commit) the spec pins for a hub model; null: "
+     "the default branch (part of the cell's identity only when pinned)"),
+    ("model_commit", _S, "the hub commit of the model files that ran (the snapshot transformers loaded, "
+     "also when read from the cache offline); null for a local directory or a catalogued model"),
     ("dtype", _S, "dtype the model was loaded in"),
     ("method", _S, "quantization method registry name"),
     ("method_params", _S, "method parameters as canonical JSON"),

@@ -20,8 +20,8 @@ import yaml
 from pydantic import ValidationError
 
 from tasks.catalog import KNOWN_MODELS
-from tasks.evaluate.registry import KNOWN_DATASETS, TASKS, UnknownTask, get_task
-from tasks.locations import is_local
+from tasks.evaluate.registry import KNOWN_DATASETS, TASKS, UnknownTask, get_task, settings_dump
+from tasks.locations import is_local, kind
 from tasks.naming import did_you_mean
 from tasks.profile.config import ProfileConfig
 from tasks.quantize.registry import ALL_FALLBACKS, METHODS, UnknownMethod, get_method
@@ -50,10 +50,10 @@ TOP_LEVEL_KEYS = {
 }
 METHOD_DEFAULT_KEYS = ("group_fallback", "overrides")  # top-level keys that are method parameters
 RETRYABLE = {"crash": 2, "oom": 2, "timeout": 0}
-DETERMINISTIC = ("shape", "unsupported", "data", "nan", "error")
+DETERMINISTIC = ("shape", "unsupported", "data", "auth", "nan", "error")
 DEFAULT_MAX_CELLS = 1_000_000
 DTYPES = ("float32", "float16", "bfloat16")
-MODEL_KEYS = ("name", "path", "dtype", "trust_remote_code")
+MODEL_KEYS = ("name", "path", "dtype", "trust_remote_code", "revision")
 DATASET_KEYS = ("name", "task", "path", "limit")
 CALIBRATION_KEYS = ("dataset", "samples", "seq_len")
 AXES = ("model", "method", "bits", "group_size", "dataset")
@@ -74,11 +74,16 @@ class ModelEntry:
     path: str
     dtype: str
     trust_remote_code: bool = False
+    revision: str | None = None  # a hub id's branch, tag or commit; None: the default branch
 
     @cached_property
     def canonical(self) -> str:
-        """Canonical JSON of the fields that identify the model in a cell."""
-        return canonical_json({"name": self.name, "path": self.path, "dtype": self.dtype})
+        """Canonical JSON of the fields that identify the model in a cell (``revision`` only
+        when pinned, so that cells of unpinned models keep the identity they always had)."""
+        fields = {"name": self.name, "path": self.path, "dtype": self.dtype}
+        if self.revision is not None:
+            fields["revision"] = self.revision
+        return canonical_json(fields)
 
 
 @dataclass(frozen=True)
@@ -277,10 +282,18 @@ def _parse_models(value: Any, problems: _Problems) -> list[ModelEntry]:
         trust = entry.get("trust_remote_code", False)
         if not isinstance(trust, bool):
             problems.add(f"{where}.trust_remote_code", trust, "must be true or false (default false)")
+        revision = entry.get("revision")
+        if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+            problems.add(f"{where}.revision", revision, "must be a branch, tag or commit of the hub "
+                         "repository, e.g. main or a 40-character commit sha")
+        elif revision is not None and isinstance(path, str) and kind(path) != "hub":
+            problems.add(f"{where}.revision", revision, f"only a hub id has revisions; {path} is "
+                         f"{'a local directory' if kind(path) == 'local' else 'not a hub id'}: remove revision")
         if any(m.name == name for m in models):
             problems.add(f"{where}.name", name, "duplicate model name; names must be unique")
         models.append(ModelEntry(name=str(name), path=path or f"known:{name}", dtype=dtype,
-                                 trust_remote_code=trust is True))
+                                 trust_remote_code=trust is True,
+                                 revision=revision if isinstance(revision, str) else None))
     return models
 
 
@@ -418,7 +431,7 @@ def _parse_datasets(value: Any, problems: _Problems) -> list[DatasetEntry]:
             problems.add(f"{where}.limit", limit, "must be a positive integer (or omitted for all)")
         settings = {k: v for k, v in entry.items() if k not in DATASET_KEYS}
         try:
-            settings = task.config(**settings).model_dump()
+            settings = settings_dump(task.config(**settings))
         except ValidationError as exc:
             for err in exc.errors():
                 loc = ".".join(str(p) for p in err["loc"])

@@ -19,6 +19,40 @@ class NonFiniteError(Exception):
     """Non-finite weights, scales or metrics."""
 
 
+class AccessError(Exception):
+    """The hub refused access (HTTP 401/403): a gated or private repository, a missing or wrong
+    token. Deterministic: the cell is not retried until the user has access."""
+
+
+def hub_refusal(exc: BaseException) -> str | None:
+    """What the hub said when ``exc`` (or an exception it was raised from) is a refusal of
+    access: 'gated', '401' or '403'; None for anything else. Transformers and datasets wrap
+    huggingface_hub's errors in their own (OSError, DatasetNotFoundError), so the chain is read."""
+    try:
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+    except ImportError:
+        return None
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, GatedRepoError):
+            return "gated"
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(exc, HfHubHTTPError) and status in (401, 403):
+            return str(status)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def access_advice(what: str, name: str, refusal: str) -> str:
+    """The message of a hub refusal: which repository, what the hub said, what to do."""
+    token = "HF_TOKEN is set" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"
+    said = {"gated": "it is gated", "401": "401 Unauthorized", "403": "403 Forbidden"}[refusal]
+    return (f"{what} {name}: the hub refused access ({said}; {token}). Accept the {what}'s licence "
+            f"on its hub page with the account whose token the job uses, then set HF_TOKEN for the "
+            f"job (it is forwarded to every actor); not retried")
+
+
 class DeviceLost(Exception):
     """A sticky accelerator error: the CUDA context of this process is unusable, every later
     kernel fails. The actor must exit (Ray replaces it) and the cell is retried on a fresh one."""
@@ -45,6 +79,8 @@ def classify(exc: BaseException) -> str:
     text = str(exc).lower()
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text:
         return "oom"
+    if isinstance(exc, AccessError):
+        return "auth"
     if isinstance(exc, (DataError, FileNotFoundError)):
         return "data"
     if isinstance(exc, (UnsupportedError, NotImplementedError)):

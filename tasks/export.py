@@ -40,7 +40,8 @@ def cell_from_row(row: dict[str, Any]) -> Any:
     from orchestrator.cells import Cell
     from orchestrator.spec import DatasetEntry, ModelEntry
 
-    model = ModelEntry(name=row["model"], path=row["model_path"], dtype=row["dtype"])
+    model = ModelEntry(name=row["model"], path=row["model_path"], dtype=row["dtype"],
+                       revision=row.get("model_revision"))
     dataset = DatasetEntry(name=row["dataset"], task=row["task"], path=row["dataset_path"],
                            limit=row["limit"], settings=json.loads(row["eval_settings"] or "{}"))
     return Cell(sweep=row["sweep"], model=model, method=row["method"],
@@ -65,7 +66,8 @@ def export_cell(row: dict[str, Any], out: Path, state: Any = None) -> dict[str, 
                           "written by another qsweep version, so the quantization cannot be rebuilt from it")
     info = get_method(cell.method)
     state = state or WorkerState()
-    base, tokenizer = state.base_model(cell.model.path, cell.model.dtype)
+    base, tokenizer = state.base_model(cell.model.path, cell.model.dtype, cell.model.trust_remote_code,
+                                       cell.model.revision)
     group_id = row["group_id"]
     cached = state.artifacts.get(group_id, state.device) if state.artifacts and info.in_place else None
     workdir = Path(tempfile.mkdtemp(prefix=f"qsweep-export-{group_id[:12]}-", dir=scratch_dir()))

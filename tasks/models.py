@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.catalog import KNOWN_MODELS
-from tasks.errors import DataError
-from tasks.locations import is_local
+from tasks.errors import AccessError, DataError, access_advice, hub_refusal
+from tasks.locations import is_local, kind
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +70,60 @@ def prepare_known_model(name: str) -> Path:
     return target
 
 
-def load_model(path: str, dtype: str, device: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Model (eval mode, on ``device``) and tokenizer. Remote code runs only when the spec's
-    model entry sets ``trust_remote_code: true``."""
+def load_model(path: str, dtype: str, device: str, trust_remote_code: bool = False,
+               revision: str | None = None) -> tuple[Any, Any]:
+    """Model (eval mode, on ``device``) and tokenizer (``loaded_commit`` tells the commit of a
+    hub id's files). Remote code runs only when the spec's model entry sets ``trust_remote_code: true``.
+
+    A hub id loads through transformers' own cache: with ``HF_HUB_OFFLINE=1`` a model fetched
+    before (``qsweep fetch``) loads from there; ``HF_TOKEN`` is read by the hub client itself.
+    A refusal by the hub (gated, private, bad token) raises ``AccessError`` with what to do."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = resolve_model_path(path)
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(local).is_dir():
-        raise DataError(f"model path {local!r} is not a local directory and HF_HUB_OFFLINE=1; "
-                        "give a local directory or allow hub access")
-    tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(local, dtype=getattr(torch, DTYPES[dtype]),
-                                                 trust_remote_code=trust_remote_code)
+    hub = kind(path) == "hub"
+    options: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if hub and revision:
+        options["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local, **options)
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=getattr(torch, DTYPES[dtype]), **options)
+    except Exception as exc:
+        refusal = hub_refusal(exc) if hub else None
+        if refusal:
+            raise AccessError(access_advice("model", path, refusal)) from None
+        if hub and os.environ.get("HF_HUB_OFFLINE") == "1" and isinstance(exc, OSError):
+            raise DataError(f"model {path}{'@' + revision if revision else ''} is not in the hub cache "
+                            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}) "
+                            "and HF_HUB_OFFLINE=1: run `qsweep fetch SPEC` where the hub can be reached "
+                            "(with --to DIR on shared storage, then HF_HOME=DIR here)") from exc
+        raise
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+# The files of a hub model that loading and quantizing read (weights, configs, tokenizer, remote
+# code): what a worker resolves to a local folder and what ``qsweep fetch`` downloads.
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+
+
+def model_folder(path: str, commit: str | None) -> str:
+    """A local folder of the model's files, for engines that read a checkpoint from disk: a hub
+    id resolves to its cached snapshot of ``commit`` (the one that loaded: nothing new is
+    downloaded, and it works offline)."""
+    if kind(path) != "hub":
+        return resolve_model_path(path)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, revision=commit, allow_patterns=MODEL_FILES)
+
+
+def loaded_commit(model: Any, path: str) -> str | None:
+    """The hub commit of the files ``model`` was loaded from (also from the cache offline:
+    transformers reads it from the snapshot's folder name); None for local and catalogued ones."""
+    return getattr(model.config, "_commit_hash", None) if kind(path) == "hub" else None
 
 
 def tensor_key(tensor: Any) -> int:

@@ -36,9 +36,10 @@ from tasks.errors import (
     redact,
     short_traceback,
 )
+from tasks.evaluate.data import check_schema
 from tasks.evaluate.reference import BaselineLogprobs
 from tasks.evaluate.registry import get_task
-from tasks.models import load_model, resolve_model_path
+from tasks.models import load_model, loaded_commit, model_folder
 from tasks.profile.columns import eval_memory_columns, speed_columns, speed_metrics
 from tasks.profile.sizes import dense_weight_bytes, profile_sizes
 from tasks.profile.speed import profile_speed
@@ -67,21 +68,24 @@ class WorkerState:
     _tokenizer: Any = None
     _offloaded: bool = False  # the base model sits in host memory while a quantized cell runs
     baseline_bytes: int | None = None  # the base model's dense weight bytes
+    model_commit: str | None = None  # the hub commit of the base model's files
     artifacts: ArtifactCache | None = field(default_factory=ArtifactCache.from_env)
 
     def __post_init__(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
 
-    def base_model(self, path: str, dtype: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-        key = (path, dtype, trust_remote_code)
+    def base_model(self, path: str, dtype: str, trust_remote_code: bool = False,
+                   revision: str | None = None) -> tuple[Any, Any]:
+        key = (path, dtype, trust_remote_code, revision)
         if key != self._model_key:
             self._model = self._tokenizer = None  # free the previous model before loading
             self._calibrations.clear()
             for reference in self._references.values():
                 reference.close()
             self._references.clear()
-            self._model, self._tokenizer = load_model(path, dtype, self.device, trust_remote_code)
+            self._model, self._tokenizer = load_model(path, dtype, self.device, trust_remote_code, revision)
+            self.model_commit = loaded_commit(self._model, path)
             self._model_key = key
             self.model_loads += 1
             self.baseline_bytes = dense_weight_bytes(self._model)
@@ -105,6 +109,13 @@ class WorkerState:
         from tasks.models import model_bytes
 
         return model_bytes(self._model) + sum(r.cached_bytes for r in self._references.values())
+
+    def data_schema(self, cell: Any) -> str:
+        """The schema the cell's data fits (``check_schema``), read once per dataset per actor."""
+        key = json.dumps(["schema", cell.identity()["dataset"]], sort_keys=True, default=str)
+        if key not in self._prepared:
+            self._prepared[key] = check_schema(cell.dataset)
+        return self._prepared[key]
 
     def prepared_data(self, cell: Any, tokenizer: Any) -> Any:
         """The cell's evaluation data, read and built once per dataset per actor."""
@@ -201,11 +212,19 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
 
     stage, unusable, workdir = "load", {}, None
     try:
-        with Timer(state.device) as load_time:
-            base, tokenizer = state.base_model(head.model.path, head.model.dtype,
-                                               head.model.trust_remote_code)
-        prepared, unusable = {}, {}
-        for cell in group.cells:  # data before quantization: a missing dataset costs no quantize
+        for cell in group.cells:  # the data's schema before any model loads
+            try:
+                state.data_schema(cell)
+            except Exception as exc:  # noqa: BLE001 - failures are rows
+                unusable[cell.cell_id] = exc
+        usable = [cell for cell in group.cells if cell.cell_id not in unusable]
+        prepared = {}
+        if usable:
+            with Timer(state.device) as load_time:
+                base, tokenizer = state.base_model(head.model.path, head.model.dtype,
+                                                   head.model.trust_remote_code, head.model.revision)
+            common["model_commit"] = state.model_commit
+        for cell in usable:  # data before quantization: a missing dataset costs no quantize
             try:
                 prepared[cell.cell_id] = state.prepared_data(cell, tokenizer)
             except Exception as exc:  # noqa: BLE001 - failures are rows
@@ -343,7 +362,7 @@ def quantize(head: Any, state: WorkerState, base: Any, calib: Calibration | None
     """The quantized model of a group's head cell, its report and the seconds it took (the copy
     of the base model included): the one quantization path of sweeps and ``qsweep export``."""
     info = get_method(head.method)
-    ctx = QuantContext(model_path=resolve_model_path(head.model.path), workdir=workdir,
+    ctx = QuantContext(model_path=model_folder(head.model.path, state.model_commit), workdir=workdir,
                        device=state.device, threads=torch.get_num_threads(), seed=head.seed)
     with Timer(state.device) as quant_time:
         model = copy.deepcopy(base) if info.in_place else base

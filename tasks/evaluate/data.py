@@ -11,10 +11,11 @@ Every failure to find or read data raises ``DataError`` naming the path or id.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import DataError
+from tasks.errors import AccessError, DataError, access_advice, hub_refusal
 from tasks.locations import is_local
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -39,11 +40,63 @@ def local_file(path: str) -> Path | None:
     return None
 
 
-def load_records(path: str, split: str) -> list[dict[str, Any]]:
-    """The dataset's records, in order."""
+def load_records(path: str, split: str, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The dataset's records, in order; ``fields`` (the task's name -> the dataset's) renames."""
+    records = _records(path, split)
+    return [rename(r, fields) for r in records] if fields else records
+
+
+def rename(record: dict[str, Any], fields: dict[str, str] | None) -> dict[str, Any]:
+    """``record`` with each of the dataset's field names in ``fields`` also under the task's."""
+    if not fields:
+        return record
+    return record | {ours: record[theirs] for ours, theirs in fields.items() if theirs in record}
+
+
+def record_fields(path: str, split: str) -> list[str] | None:
+    """The top-level field names of the dataset's records (None for plain text: a ``.txt`` file
+    or ``builtin:pydoc-topics``), read without building the records: a file's first record or
+    schema, a hub dataset's columns."""
+    if path == "builtin:pydoc-topics":
+        return None
     local = local_file(path)
     if local is None:
-        return _read_hub(path, split)
+        return list(_hub_dataset(path, split).column_names)
+    if local.suffix == ".txt":
+        return None
+    if local.suffix == ".jsonl":
+        with open(local) as f:
+            first = next((line for line in f if line.strip()), None)
+        return sorted(json.loads(first)) if first else []
+    if local.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(local).names)
+    records = _records(path, split)
+    return sorted(records[0]) if records else []
+
+
+def check_schema(dataset: Any) -> str:
+    """The name of the schema of ``dataset``'s task that its records fit, read from the data's
+    fields alone (the worker calls it before loading any model; ``qsweep plan`` for the files it
+    can see); DataError naming the fields found and the setting that maps them."""
+    from tasks.evaluate.registry import get_task, match_schema
+
+    settings = dataset.settings
+    where = f"dataset {dataset.name} ({dataset.path}, split {settings.get('split')})"
+    found = record_fields(dataset.path, settings.get("split", "test"))
+    if found is None:  # plain text
+        if "text_field" in get_task(dataset.task).config.model_fields:
+            return "plain text"
+        raise DataError(f"{where}: plain text, but task '{dataset.task}' reads records; give a "
+                        ".jsonl, .json or .parquet file or a hub dataset")
+    return match_schema(dataset.task, settings, found, where).name
+
+
+def _records(path: str, split: str) -> list[dict[str, Any]]:
+    local = local_file(path)
+    if local is None:
+        return _hub_dataset(path, split).to_list()
     if local.suffix == ".jsonl":
         return [json.loads(line) for line in local.read_text().splitlines() if line.strip()]
     if local.suffix == ".json":
@@ -78,7 +131,10 @@ def load_texts(path: str, split: str = "test", text_field: str = "text") -> list
     return [str(r[text_field]) for r in records]
 
 
-def _read_hub(hub_id: str, split: str) -> list[dict[str, Any]]:
+def _hub_dataset(hub_id: str, split: str) -> Any:
+    """The split of a hub dataset (``owner/name`` or ``owner/name:config``) as ``datasets``
+    loads it: downloaded once into its cache (memory-mapped, not held in Python objects), from
+    there alone with ``HF_DATASETS_OFFLINE=1``."""
     try:
         import datasets
     except ImportError:
@@ -86,11 +142,21 @@ def _read_hub(hub_id: str, split: str) -> list[dict[str, Any]]:
                         "not installed to read it from the hub") from None
     name, _, config = hub_id.partition(":")
     try:
-        data = datasets.load_dataset(name, config or None, split=split)
+        return datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:  # noqa: BLE001 - any failure to find data is a data error
-        raise DataError(f"dataset '{hub_id}' (split {split}) could not be loaded: "
-                        f"{type(exc).__name__}: {str(exc)[:300]}") from None
-    return data.to_list()
+        raise hub_data_error(hub_id, split, exc) from None
+
+
+def hub_data_error(hub_id: str, split: str | None, exc: BaseException) -> Exception:
+    """The error to raise for a hub dataset that did not load: a refusal of access says what to
+    do (AccessError); anything else is a DataError naming the dataset and split."""
+    refusal = hub_refusal(exc)
+    if refusal:
+        return AccessError(access_advice("dataset", hub_id, refusal))
+    offline = (" (HF_DATASETS_OFFLINE=1: only what `qsweep fetch` put in the cache loads)"
+               if os.environ.get("HF_DATASETS_OFFLINE") == "1" else "")
+    return DataError(f"dataset '{hub_id}'" + (f" (split {split})" if split else "") +
+                     f" could not be loaded{offline}: {type(exc).__name__}: {str(exc)[:300]}")
 
 
 def prompt_texts(path: str, split: str = "test", text_field: str | None = None) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from tasks.errors import DataError
 from tasks.evaluate.base import EvalResult, Example, Metric, proportion
-from tasks.evaluate.data import local_file
+from tasks.evaluate.data import local_file, rename
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ def prepare_task(name: str, dataset: Any, split_kind: str, overrides: dict[str, 
     else:
         described = f"{shots} split {shots_split}"
     config |= overrides | {"num_fewshot": num_fewshot}
+    if dataset.settings.get("fields"):
+        config["process_docs"] = FieldRename(dataset.settings["fields"])
     config.pop("tag", None)
     try:
         task = ConfigurableTask(config=config)
@@ -134,6 +136,17 @@ def prepare_task(name: str, dataset: Any, split_kind: str, overrides: dict[str, 
         task.set_fewshot_seed(seed=seed)
     return Prepared(name=name, task=task, version=version, limit=dataset.limit,
                     batch_size=dataset.settings["batch_size"], seed=seed, shots_from=described)
+
+
+@dataclass(frozen=True)
+class FieldRename:
+    """lm-eval ``process_docs`` for a dataset entry's ``fields`` mapping: each split's records
+    (few-shot ones included) get the task's field names."""
+
+    fields: dict[str, str]
+
+    def __call__(self, docs: Any) -> Any:
+        return docs.map(rename, fn_kwargs={"fields": self.fields})
 
 
 def shots_phrase(prepared: Prepared) -> str:
@@ -160,11 +173,12 @@ def run(prepared: Prepared, model: Any, tokenizer: Any) -> list[dict[str, Any]]:
 
 
 class BoolQ:
-    """lm-eval ``boolq`` on the official schema (``answer`` is a bool, lm-eval expects ``label``)."""
+    """lm-eval ``boolq`` on either schema: google/boolq's ``answer`` (bool) or SuperGLUE's
+    ``label`` (what lm-eval's own definition reads)."""
 
     def prepare(self, dataset: Any, tokenizer: Any, seed: int = 0) -> Prepared:
         return prepare_task("boolq", dataset, "validation_split",
-                            {"doc_to_target": "{{ 1 if answer else 0 }}"},
+                            {"doc_to_target": "{{ label if label is defined else (1 if answer else 0) }}"},
                             dataset.settings["num_fewshot"], seed)
 
     def evaluate(self, model: Any, tokenizer: Any, prepared: Prepared) -> EvalResult:

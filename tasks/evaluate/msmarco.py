@@ -48,7 +48,7 @@ class Queries:
 
 class MSMarco:
     def prepare(self, dataset: Any, tokenizer: Any, seed: int = 0) -> Queries:
-        records = load_records(dataset.path, dataset.settings["split"])
+        records = load_records(dataset.path, dataset.settings["split"], dataset.settings.get("fields"))
         queries = []
         for i, record in enumerate(records):
             try:
