@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "method, bits, group_size, dataset or a method parameter; repeatable")
     _max_cells(p)
 
+    p = sub.add_parser("fetch", help="download every hub model and dataset a spec names, for offline nodes",
+                       description="Download every hub model (at its revision), dataset and "
+                       "calibration set SPEC names into the hub and datasets caches, or with --to "
+                       "DIR into DIR/hub and DIR/datasets on shared storage, so that compute nodes "
+                       "without internet run the spec with HF_HUB_OFFLINE=1. HF_TOKEN is used for "
+                       "gated models. Exit 1 when an item could not be fetched.")
+    p.add_argument("spec", help="sweep spec (YAML)")
+    p.add_argument("--to", metavar="DIR", help="download into DIR/hub and DIR/datasets instead of the "
+                   "caches of this machine (then run with HF_HUB_CACHE=DIR/hub HF_DATASETS_CACHE=DIR/datasets)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _max_cells(p)
+
     p = sub.add_parser("export", help="write a cell's quantized model as a checkpoint transformers loads",
                        description="Quantize CELL_ID's configuration again (or take it from the artifact "
                        "cache) and write it to OUT: the method's packed checkpoint (GPTQ, AWQ, "
@@ -197,6 +209,9 @@ def _max_cells(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from tasks.errors import redact_logs
+
+    redact_logs()
     try:
         return COMMANDS[args.command](args)
     except SpecError as exc:
@@ -287,6 +302,41 @@ def _artifact_cache_env(args: argparse.Namespace) -> None:
         os.environ["QSWEEP_ARTIFACT_CACHE"] = str(Path(args.artifact_cache).expanduser().resolve())
     if getattr(args, "artifact_cache_gb", None) is not None:
         os.environ["QSWEEP_ARTIFACT_CACHE_GB"] = str(args.artifact_cache_gb)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from orchestrator.fetch import caches, fetch_item, hub_reachable, items, offline_env
+
+    spec = load_spec(args.spec, max_cells=args.max_cells)
+    wanted, local = items(spec)
+    for line in local:
+        print(f"  needs no download: {line}")
+    if not wanted:
+        print(f"sweep {spec.name}: nothing on the hub to fetch")
+        return EXIT_OK
+    if not hub_reachable():
+        print("qsweep fetch: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set to 1; unset them to reach "
+              "the hub (fetch runs where the hub can be reached)", file=sys.stderr)
+        return EXIT_USAGE
+    hub_cache, datasets_cache = caches(args.to)
+    failed = 0
+    bar = tqdm(wanted, desc="fetch", unit="item", disable=args.no_progress)
+    for item in bar:
+        bar.set_postfix_str(item.name)
+        label = f"{item.what} {item.name}" + (f"@{item.revision}" if item.revision else "")
+        try:
+            tqdm.write(f"  {label}: {fetch_item(item, hub_cache, datasets_cache)}")
+        except Exception as exc:  # noqa: BLE001 - each item says what went wrong; the rest go on
+            from tasks.errors import redact
+
+            failed += 1
+            tqdm.write(f"  {label}: FAILED: {redact(f'{type(exc).__name__}: {exc}')[:600]}")
+    print(f"fetched {len(wanted) - failed} of {len(wanted)} items"
+          + (f" into {Path(args.to).expanduser().resolve()}" if args.to else " into this machine's caches")
+          + f"; run offline with: {offline_env(args.to)}")
+    return EXIT_DRIVER if failed else EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -497,7 +547,7 @@ def _label(cell) -> str:
     return f"{cell.model.name}/{cell.method}[{_params(cell)}]/b{cell.bits}/g{cell.group_size}/{cell.dataset.name}"
 
 
-COMMANDS = {"plan": cmd_plan, "run": cmd_run, "export": cmd_export, "status": cmd_status, "compact": cmd_compact,
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "fetch": cmd_fetch, "export": cmd_export, "status": cmd_status, "compact": cmd_compact,
             "query": cmd_query, "recommend": cmd_recommend, "report": cmd_report}
 
 if __name__ == "__main__":

@@ -472,6 +472,9 @@ class CellActor:
 
     def __init__(self, threads: int | None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        from tasks.errors import redact_logs
+
+        redact_logs()
         from tasks.worker import WorkerState
 
         self.state = WorkerState(threads=threads)

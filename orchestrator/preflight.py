@@ -12,8 +12,9 @@
   worker (``machine_verdict`` over ``tasks.locations.machine_facts``), ``qsweep plan`` on its
   own host and says so. Each verdict carries ``where`` (the row's ``checked_on``).
 
-Model facts come from ``config.json`` of a local directory, or from the GGUF header of a
-catalogued model; for a hub id not on disk the checks are deferred (a note says so).
+Model facts come from ``config.json`` of a local directory, from the GGUF header of a
+catalogued model, or for a hub id from its ``config.json`` on the hub (or in the hub cache) and
+its safetensors headers; when none is at hand the checks are deferred (a note says so).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 from orchestrator.cells import Cell
 from orchestrator.spec import Spec, SpecError
 from tasks.catalog import KNOWN_MODELS
-from tasks.locations import is_local, path_kinds
+from tasks.locations import is_local, kind, path_kinds
 from tasks.quantize.layers import non_divisible
 from tasks.quantize.registry import get_method
 
@@ -59,10 +60,12 @@ def here() -> str:
     return f"driver {socket.gethostname()}"
 
 
-def model_facts(path: str) -> ModelFacts | None:
+def model_facts(path: str, revision: str | None = None) -> ModelFacts | None:
     """Widths and parameter count from the config and weight headers; None when not at hand."""
     if path.startswith("known:"):
         return _known_facts(path.removeprefix("known:"))
+    if kind(path) == "hub":
+        return _hub_facts(path, revision)
     directory = Path(path).expanduser()
     config = directory / "config.json"
     if not config.is_file():
@@ -71,6 +74,28 @@ def model_facts(path: str) -> ModelFacts | None:
     data = data.get("text_config", data)
     widths = {key: data[key] for key in WIDTH_KEYS if isinstance(data.get(key), int)}
     return ModelFacts(widths=widths, params=_safetensors_params(directory))
+
+
+def _hub_facts(repo: str, revision: str | None) -> ModelFacts | None:
+    """Facts of a hub model from its ``config.json`` (downloaded alone, or read from the hub
+    cache offline) and its safetensors headers (the hub's metadata API, or the cached files);
+    None when the hub cannot be asked (offline and not cached, a refusal: the worker will say)."""
+    try:
+        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+        config = Path(hf_hub_download(repo, "config.json", revision=revision))
+    except Exception:  # noqa: BLE001 - not at hand here: the checks are deferred to the worker
+        return None
+    facts = model_facts(str(config.parent))  # the snapshot folder: cached weights give params
+    if facts is None:
+        return None
+    if facts.params is None and os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:
+            counts = get_safetensors_metadata(repo, revision=revision).parameter_count
+            facts = replace(facts, params=sum(counts.values()) or None)
+        except Exception:  # noqa: BLE001 - no safetensors headers: the memory check is skipped
+            pass
+    return facts
 
 
 def _safetensors_params(directory: Path) -> int | None:
@@ -143,7 +168,7 @@ def spec_problems(spec: Spec, facts: dict[str, ModelFacts | None]) -> list[str]:
 
 def validate_models(spec: Spec) -> dict[str, ModelFacts | None]:
     """Each model's facts; raises SpecError when the spec is wrong for its models."""
-    facts = {model.path: model_facts(model.path) for model in spec.models}
+    facts = {model.path: model_facts(model.path, model.revision) for model in spec.models}
     problems = spec_problems(spec, facts)
     if problems:
         raise SpecError(problems)

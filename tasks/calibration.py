@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from tasks.errors import DataError
-from tasks.evaluate.data import prompt_texts
+from tasks.evaluate.data import Reading
 from tasks.evaluate.perplexity import token_stream, windows
 from tasks.evaluate.registry import KNOWN_DATASETS, get_task
 from tasks.quantize.layers import linear_layers
@@ -44,6 +44,7 @@ class CalibrationSet:
     spec: dict[str, Any]
     input_ids: torch.Tensor
     token_hash: str  # sha256 of the int64 token ids, row-major
+    records: int = 0  # records of the dataset read to fill the windows
 
     @property
     def tokens(self) -> int:
@@ -67,19 +68,24 @@ class Calibration:
     stats: dict[str, LayerStats]
 
 
-def calibration_texts(dataset: str) -> list[str]:
-    """Documents of a calibration dataset: a known name, a local path or a hub id."""
+def calibration_texts(dataset: str) -> Reading:
+    """Documents of a calibration dataset (a known name, a local path or a hub id), read
+    lazily: a hub dataset is streamed (offline: read from the cache ``qsweep fetch`` filled),
+    and only the records the windows need are read."""
     if dataset in KNOWN_DATASETS:
         task, path = KNOWN_DATASETS[dataset]
         text_field = get_task(task).config.model_fields.get("text_field")
-        return prompt_texts(path, CALIBRATION_SPLIT, text_field.default if text_field else None)
-    return prompt_texts(dataset, CALIBRATION_SPLIT, "text")
+        return Reading(path, CALIBRATION_SPLIT, text_field.default if text_field else None)
+    return Reading(dataset, CALIBRATION_SPLIT, "text")
 
 
 def load_calibration(spec: dict[str, Any], tokenizer: Any) -> CalibrationSet:
     """Tokenize ``spec`` = {dataset, samples, seq_len} into non-overlapping windows."""
     samples, seq_len = spec["samples"], spec["seq_len"]
-    ids = token_stream(tokenizer, calibration_texts(spec["dataset"]), samples * seq_len)
+    texts = calibration_texts(spec["dataset"])
+    ids = token_stream(tokenizer, texts, samples * seq_len)
+    log.info("calibration set %s: %d records read%s", spec["dataset"], texts.records,
+             " (streamed)" if texts.streamed else "")
     windows = min(samples, len(ids) // seq_len)
     if windows == 0:
         raise DataError(f"calibration set {spec['dataset']}: {len(ids)} tokens, fewer than one "
@@ -89,7 +95,7 @@ def load_calibration(spec: dict[str, Any], tokenizer: Any) -> CalibrationSet:
                     len(ids), windows, samples, seq_len)
     input_ids = torch.tensor(ids[:windows * seq_len], dtype=torch.int64).reshape(windows, seq_len)
     token_hash = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()
-    return CalibrationSet(spec=dict(spec), input_ids=input_ids, token_hash=token_hash)
+    return CalibrationSet(spec=dict(spec), input_ids=input_ids, token_hash=token_hash, records=texts.records)
 
 
 def activation_stats(model: Any, data: CalibrationSet, batch_size: int = 8) -> dict[str, LayerStats]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import traceback
@@ -108,3 +109,23 @@ def redact(text: str) -> str:
         if SECRET_NAME.search(name) and len(value) >= 6:
             text = text.replace(value, "***")
     return re.sub(r"hf_[A-Za-z0-9]{20,}", "hf_***", text)
+
+
+class RedactSecrets(logging.Filter):
+    """A logging filter that passes every record through ``redact`` (message, arguments and the
+    traceback of an exception logged with it), so that no token reaches a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = ()
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip())
+            record.exc_info = None
+        return True
+
+
+def redact_logs() -> None:
+    """Install ``RedactSecrets`` on every handler of the root logger (call after configuring it)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())

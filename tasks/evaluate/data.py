@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,52 @@ def prompt_texts(path: str, split: str = "test", text_field: str | None = None) 
     if text_field and records and text_field in records[0]:
         return [str(r[text_field]) for r in records]
     return ["\n".join(_strings(r)) for r in records]
+
+
+@dataclass
+class Reading:
+    """Texts of a dataset read lazily, one record at a time (``records`` counts those read):
+    a calibration set takes only the records its windows need, not a split whole."""
+
+    path: str
+    split: str
+    text_field: str | None
+    records: int = 0
+    streamed: bool = False  # read over the network as it went (no copy of the split in the cache)
+
+    def __iter__(self) -> Iterator[str]:
+        if self.path == "builtin:pydoc-topics" or (local_file(self.path) or Path()).suffix == ".txt":
+            for text in load_texts(self.path, self.split, self.text_field or "text"):
+                self.records += 1
+                yield text
+            return
+        for record in self._rows():
+            self.records += 1
+            value = record.get(self.text_field) if self.text_field else None
+            yield str(value) if value is not None else "\n".join(_strings(record))
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        local = local_file(self.path)
+        if local is not None and local.suffix == ".jsonl":  # line by line
+            with open(local) as f:
+                yield from (json.loads(line) for line in f if line.strip())
+            return
+        if local is not None:
+            yield from _records(self.path, self.split)
+            return
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        if offline:  # what `qsweep fetch` prepared: memory-mapped, read row by row
+            yield from _hub_dataset(self.path, self.split)
+            return
+        import datasets
+
+        name, _, config = self.path.partition(":")
+        try:
+            rows = iter(datasets.load_dataset(name, config or None, split=self.split, streaming=True))
+            self.streamed = True
+            yield from rows
+        except Exception as exc:  # noqa: BLE001 - any failure to find data is a data error
+            raise hub_data_error(self.path, self.split, exc) from None
 
 
 def _strings(value: Any) -> list[str]:
