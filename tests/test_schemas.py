@@ -106,8 +106,8 @@ def test_boolq_in_either_schema_and_through_a_mapping_scores_the_same(tiny_llama
 
 
 def test_a_dataset_in_no_schema_fails_before_the_model_loads(tmp_path):
-    from tasks.worker import WorkerState, run_group_rows
     from orchestrator.cells import group_cells
+    from tasks.worker import WorkerState, run_group_rows
 
     bad = write_jsonl(tmp_path / "b.jsonl", [{"q": "is it?"}])
     spec = parse_spec({"name": "s", "models": [{"name": "m", "path": str(tmp_path / "no-model")}],
