@@ -83,6 +83,8 @@ def load_model(path: str, dtype: str, device: str, trust_remote_code: bool = Fal
 
     local = resolve_model_path(path)
     hub = kind(path) == "hub"
+    if hub and os.environ.get("HF_HUB_OFFLINE") != "1":
+        check_cache_locks()
     options: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if hub and revision:
         options["revision"] = revision
@@ -118,6 +120,34 @@ def model_folder(path: str, commit: str | None) -> str:
     from huggingface_hub import snapshot_download
 
     return snapshot_download(path, revision=commit, allow_patterns=MODEL_FILES)
+
+
+def hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def check_cache_locks(cache: Path | None = None) -> None:
+    """Actors that load the same hub model at once download it once: huggingface_hub takes a
+    ``flock`` per file in the hub cache and the others wait, then read the finished file. A
+    filesystem without ``flock`` (some NFS and Lustre mounts) cannot serialise them: say so
+    before any download starts, and how to download once instead (``qsweep fetch``, then offline:
+    reading the cache takes no lock)."""
+    cache = cache or hub_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    probe = cache / f".qsweep-flock-probe-{os.getpid()}"
+    try:
+        with open(probe, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError as exc:
+        raise DataError(f"the hub cache {cache} is on a filesystem without flock ({exc.strerror}): "
+                        "concurrent actors cannot share downloads there. Download once with `qsweep "
+                        "fetch SPEC --to DIR` and run with HF_HUB_CACHE=DIR/hub HF_HUB_OFFLINE=1 (the "
+                        "cache is then only read), or point HF_HUB_CACHE at a filesystem with flock") from None
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def loaded_commit(model: Any, path: str) -> str | None:

@@ -178,3 +178,20 @@ def test_calibration_reads_only_the_records_its_windows_need(tiny_llama, tmp_pat
     calib = load_calibration({"dataset": path, "samples": 4, "seq_len": 32}, tokenizer)
     assert calib.input_ids.shape == (4, 32)
     assert 1 <= calib.records <= 10  # of 2,000
+
+
+def test_a_hub_cache_without_flock_is_named_before_any_download(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from tasks.models import check_cache_locks
+
+    check_cache_locks(tmp_path / "hub")  # a local disk: flock works, nothing raised
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(DataError, match=r"without flock \(No locks available\).*qsweep fetch SPEC --to DIR"):
+        check_cache_locks(tmp_path / "hub")
+    assert not list((tmp_path / "hub").iterdir())  # the probe file is gone
