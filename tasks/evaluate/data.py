@@ -165,12 +165,7 @@ def prompt_texts(path: str, split: str = "test", text_field: str | None = None) 
     """Text drawn from any dataset, for profiling prompts: the text field when there is one,
     else every string value of a record (question, passage, answer, passages' texts) joined by
     newlines, in record order."""
-    if path == "builtin:pydoc-topics" or (local_file(path) or Path()).suffix == ".txt":
-        return load_texts(path, split, text_field or "text")
-    records = load_records(path, split)
-    if text_field and records and text_field in records[0]:
-        return [str(r[text_field]) for r in records]
-    return ["\n".join(_strings(r)) for r in records]
+    return list(Reading(path, split, text_field))
 
 
 @dataclass

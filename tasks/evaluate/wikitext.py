@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.evaluate.base import EvalResult
-from tasks.evaluate.data import load_texts, record_fields
+from tasks.evaluate.data import check_schema, load_texts
 from tasks.evaluate.lmeval import Prepared, prepare_task, word_perplexity
 from tasks.evaluate.perplexity import TokenPerplexity, TokenStream
-from tasks.evaluate.registry import match_schema
 
 
 @dataclass
@@ -74,9 +73,7 @@ class WikiText:
 
     def prepare(self, dataset: Any, tokenizer: Any, seed: int = 0) -> WikiTextData:
         settings = dataset.settings
-        schema = match_schema("wikitext", settings, record_fields(dataset.path, settings["split"]) or [settings["text_field"]],
-                              f"dataset {dataset.name} ({dataset.path}, split {settings['split']})")
-        if schema.name != LINE_LEVEL:
+        if check_schema(dataset) != LINE_LEVEL:
             tokens = TokenPerplexity().prepare(dataset, tokenizer, seed)
             words_data = dataset
         else:  # the GPTQ protocol: the split's lines joined by blank lines, tokenized at once
