@@ -97,9 +97,9 @@ def load_model(path: str, dtype: str, device: str, trust_remote_code: bool = Fal
             raise AccessError(access_advice("model", path, refusal)) from None
         if hub and os.environ.get("HF_HUB_OFFLINE") == "1" and isinstance(exc, OSError):
             raise DataError(f"model {path}{'@' + revision if revision else ''} is not in the hub cache "
-                            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}) "
-                            "and HF_HUB_OFFLINE=1: run `qsweep fetch SPEC` where the hub can be reached "
-                            "(with --to DIR on shared storage, then HF_HOME=DIR here)") from exc
+                            f"({hub_cache()}) and HF_HUB_OFFLINE=1: run `qsweep fetch SPEC` where the hub "
+                            "can be reached (with --to DIR on shared storage, then HF_HUB_CACHE=DIR/hub "
+                            "here)") from exc
         raise
     model.to(device)
     model.eval()
