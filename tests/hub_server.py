@@ -79,7 +79,7 @@ class HubServer:
         self.mirrors = self.root / "mirrors"
         self.gated: dict[str, str] = {}  # repo id -> the token that opens it
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.headers: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers)
+        self.headers: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers lowercased)
         self._lock = threading.Lock()
         self._olah: subprocess.Popen | None = None
         self._front: http.server.ThreadingHTTPServer | None = None
@@ -239,7 +239,7 @@ class HubServer:
                 path = self.path.split("?", 1)[0]
                 with server._lock:
                     server.requests[(self.command, path)] += 1
-                    server.headers.append((self.command, self.path, dict(self.headers.items())))
+                    server.headers.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
                 repo = server.repo_of(path)
                 if refused := server.refusal(repo, self.headers):
                     self.answer(refused[0], "GatedRepo", refused[1])

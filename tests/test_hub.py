@@ -148,7 +148,7 @@ def test_gated_model_needs_the_token_which_never_lands(hub, tmp_path):
     latest = [r for r in rows(results) if r["status"] == "ok"]
     assert len(latest) == 1 and latest[0]["model_commit"] == hub.commits["test-org/gated-llama"]
     # the token reached the actor that loaded the model (the front saw it) ...
-    assert any(h.get("Authorization") == f"Bearer {TOKEN}" for _, path, h in hub.headers[sent_before:]
+    assert any(h.get("authorization") == f"Bearer {TOKEN}" for _, path, h in hub.headers[sent_before:]
                if "gated-llama" in path)
     # ... and is nowhere in the store, the output or Ray's logs of this run
     leaks = [str(p) for p in results.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
