@@ -20,7 +20,6 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 import yaml
-
 from cluster_util import offline_env
 from hub_server import HubServer
 
