@@ -288,3 +288,26 @@ def test_the_paper_grid_from_the_test_hub(hub, tmp_path, with_smollm2):
     for dataset in ("boolq", "gsm8k", "msmarco", "wikitext"):
         assert dataset in table.stdout
     shutil.rmtree(results)
+
+
+def test_document_level_wikitext_and_a_schema_that_fits_no_task(hub, tmp_path):
+    """EleutherAI's document-level WikiText scores as the same articles as Salesforce's lines;
+    BoolQ pointed at GSM8K's records is a data row that names the fields found, before any load."""
+    spec = write_spec(tmp_path / "schemas.yaml", "schemas", [{"name": "llama", "path": "test-org/tiny-llama"}],
+                      [{"name": "baseline"}],
+                      [{"name": "doc", "task": "wikitext", "path": "EleutherAI/wikitext_document_level:wikitext-2-raw-v1",
+                        "limit": 2, "seq_len": 32, "word_limit": 2},
+                       {"name": "lines", "task": "wikitext", "path": "Salesforce/wikitext:wikitext-2-raw-v1",
+                        "limit": 2, "seq_len": 32, "word_limit": 2},
+                       {"name": "wrong", "task": "boolq", "path": "openai/gsm8k:main", "split": "test", "limit": 2}])
+    results = tmp_path / "results"
+    qsweep("run", str(spec), "--results", str(results), "--no-progress", env=hub_env(hub, tmp_path), cwd=tmp_path)
+    got = {r["dataset"]: r for r in rows(results)}
+    assert got["doc"]["status"] == "ok" and got["lines"]["status"] == "ok"
+    words = {name: {m["metric"]: m["value"] for m in got[name]["metrics"]}["word_perplexity"]
+             for name in ("doc", "lines")}
+    assert words["doc"] == pytest.approx(words["lines"], rel=1e-6)  # the rebuilt articles are the pages
+    wrong = got["wrong"]
+    assert wrong["status"] == "failed" and wrong["error_class"] == "data"
+    assert "passage" in wrong["error_message"] and "question" in wrong["error_message"]
+    assert "fields" in wrong["error_message"]  # the setting that maps them
