@@ -45,6 +45,21 @@ SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4
 class ModelFacts:
     widths: dict[str, int]  # input widths of the linear layers, by config key
     params: int | None  # parameter count, when known without loading weights
+    layers: int | None = None  # decoder blocks
+    vocab: int | None = None
+    kv_width: int | None = None  # key/value heads x head dim: one token's K (or V) in one block
+
+
+def config_facts(data: dict[str, Any], params: int | None) -> ModelFacts:
+    """ModelFacts from a transformers config (its ``text_config`` for multimodal ones)."""
+    data = data.get("text_config", data)
+    widths = {key: data[key] for key in WIDTH_KEYS if isinstance(data.get(key), int)}
+    heads = data.get("num_attention_heads")
+    head_dim = data.get("head_dim") or (data["hidden_size"] // heads if heads and data.get("hidden_size") else None)
+    kv_heads = data.get("num_key_value_heads") or heads
+    return ModelFacts(widths=widths, params=params, layers=data.get("num_hidden_layers"),
+                      vocab=data.get("vocab_size"),
+                      kv_width=kv_heads * head_dim if kv_heads and head_dim else None)
 
 
 @dataclass(frozen=True)
@@ -70,10 +85,7 @@ def model_facts(path: str, revision: str | None = None) -> ModelFacts | None:
     config = directory / "config.json"
     if not config.is_file():
         return None
-    data = json.loads(config.read_text())
-    data = data.get("text_config", data)
-    widths = {key: data[key] for key in WIDTH_KEYS if isinstance(data.get(key), int)}
-    return ModelFacts(widths=widths, params=_safetensors_params(directory))
+    return config_facts(json.loads(config.read_text()), _safetensors_params(directory))
 
 
 def _hub_facts(repo: str, revision: str | None) -> ModelFacts | None:
@@ -135,9 +147,11 @@ def _known_facts(name: str) -> ModelFacts | None:
         f = reader.fields[f"{arch}.{key}"]
         return int(f.parts[f.data[0]][0])
 
-    return ModelFacts(widths={"hidden_size": field("embedding_length"),
-                              "intermediate_size": field("feed_forward_length")},
-                      params=sum(int(t.n_elements) for t in reader.tensors))
+    hidden, heads = field("embedding_length"), field("attention.head_count")
+    return ModelFacts(widths={"hidden_size": hidden, "intermediate_size": field("feed_forward_length")},
+                      params=sum(int(t.n_elements) for t in reader.tensors), layers=field("block_count"),
+                      vocab=len(reader.fields["tokenizer.ggml.tokens"].data),
+                      kv_width=field("attention.head_count_kv") * (hidden // heads))
 
 
 def spec_problems(spec: Spec, facts: dict[str, ModelFacts | None]) -> list[str]:
@@ -207,19 +221,95 @@ def location_verdict(cell: Cell, found: dict[str, str | None], where: str) -> Ve
     return Verdict(False)
 
 
+RECORDS_SEQ = 1024  # tokens of a records task's longest request (prompt + few-shot), assumed
+SLACK = 1.10  # allocator fragmentation and workspaces beyond the tensors counted
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What one group holds on the device the weights go to, stage by stage: each stage's
+    items as (what, bytes, arithmetic). ``peak`` is the largest stage, with ``SLACK``."""
+
+    stages: dict[str, tuple[tuple[str, int, str], ...]]
+
+    def total(self, stage: str) -> int:
+        return sum(b for _, b, _ in self.stages[stage])
+
+    @property
+    def peak_stage(self) -> str:
+        return max(self.stages, key=self.total)
+
+    @property
+    def peak(self) -> int:
+        return int(self.total(self.peak_stage) * SLACK)
+
+    def explain(self, stage: str | None = None) -> str:
+        stage = stage or self.peak_stage
+        parts = " + ".join(f"{what} {b / 2**30:.2f} GiB ({how})" for what, b, how in self.stages[stage] if b)
+        return f"{stage}: {parts}, x{SLACK:.2f} slack = {self.peak / 2**30:.1f} GiB"
+
+
+def memory_plan(cell: Cell, facts: ModelFacts, accelerator: bool) -> MemoryPlan:
+    """The memory plan of ``cell``'s group where its weights live: on an accelerator (the base
+    model moves to the host while the quantized copy is made and evaluated: the worker's
+    ``working_copy``/``offload_base``) or on the host (the base stays beside its copy).
+
+    Activation statistics (methods that declare them) accumulate on the accelerator a pass at a
+    time, at most a quarter of its memory (``tasks.calibration.stats_budget``); on the host they
+    are whole: (in^2 + in) x 4 B per linear layer. The evaluation peak is the logits of one batch
+    in float32 (model's, log-softmax and the reference's for KL: 3 x batch x seq x vocab x 4 B)
+    plus the K/V of the batch (2 x blocks x batch x seq x kv width x dtype)."""
+    info = get_method(cell.method)
+    size = DTYPE_BYTES[cell.model.dtype]
+    weights = facts.params * size
+    base = ("base weights", weights, f"{facts.params:,} params x {size} B {cell.model.dtype}")
+    copy = ("quantized copy", weights, f"{facts.params:,} params x {size} B (dense while quantizing)")
+    settings = cell.dataset.settings
+    batch = int(settings.get("batch_size") or 8)
+    seq = int(settings.get("seq_len") or RECORDS_SEQ)
+    assumed = "" if settings.get("seq_len") else f" (seq {RECORDS_SEQ}: assumed for a records task)"
+    evaluation = []
+    if facts.vocab:
+        logits = 3 * batch * seq * facts.vocab * 4
+        evaluation.append(("logits", logits, f"3 x {batch} x {seq} x {facts.vocab:,} vocab x 4 B{assumed}"))
+    if facts.layers and facts.kv_width:
+        kv = 2 * facts.layers * batch * seq * facts.kv_width * size
+        evaluation.append(("K/V", kv, f"2 x {facts.layers} blocks x {batch} x {seq} x {facts.kv_width} x {size} B"))
+    stages: dict[str, tuple] = {"load": (base,)}
+    if info.needs_activation_stats and facts.layers:
+        hidden, inter = facts.widths.get("hidden_size", 0), facts.widths.get("intermediate_size", 0)
+        # per block: q, k, v, o and the gate/up (or fc1) projections read the hidden width,
+        # the down (fc2) projection the intermediate width
+        total = facts.layers * (6 * (hidden * hidden + hidden) + (inter * inter + inter)) * 4
+        how = f"{facts.layers} blocks x (6 x {hidden}^2 + {inter}^2) x 4 B"
+        if accelerator:
+            how += ", a pass at a time within a quarter of the device"
+        stages["calibrate"] = (base, ("activation statistics", total, how))
+    if cell.method != "baseline":
+        stages["quantize"] = (copy,) if accelerator else (base, copy)
+        stages["evaluate"] = ((copy,) if accelerator else (base, copy)) + tuple(evaluation)
+    else:
+        stages["evaluate"] = (base,) + tuple(evaluation)
+    return MemoryPlan(stages)
+
+
 def memory_verdict(cell: Cell, facts: ModelFacts | None, memory_bytes: int | None, where: str,
                    holder: str | None = None) -> Verdict:
-    """Skip a cell whose base model and quantized copy (+25%) exceed ``memory_bytes`` of
-    ``holder`` (the memory the weights go to; default: ``where``, the machine checked)."""
-    info = get_method(cell.method)
+    """Skip a cell whose group's memory plan exceeds ``memory_bytes`` of ``holder`` (an
+    accelerator, where the weights go; default: ``where``, the host checked); the reason gives
+    the plan's arithmetic."""
     if facts is None or not facts.params or not memory_bytes:
         return Verdict(False)
-    copies = 2 if info.in_place else 1  # the base model an actor keeps, plus the quantized copy
-    needed = int(facts.params * DTYPE_BYTES[cell.model.dtype] * copies * 1.25)
-    if needed > memory_bytes:
-        return Verdict(True, "oom", f"needs about {needed / 2**30:.1f} GiB ({copies} copies of "
-                       f"{facts.params:,} params in {cell.model.dtype}, +25%), {holder or where} has "
-                       f"{memory_bytes / 2**30:.1f} GiB", where=where)
+    accelerator = holder is not None
+    plan = memory_plan(cell, facts, accelerator)
+    if accelerator and "calibrate" in plan.stages:  # the passes keep statistics within a quarter
+        stages = dict(plan.stages)
+        stages["calibrate"] = tuple((w, min(b, memory_bytes // 4), h) if w == "activation statistics" else (w, b, h)
+                                    for w, b, h in stages["calibrate"])
+        plan = MemoryPlan(stages)
+    if plan.peak > memory_bytes:
+        return Verdict(True, "oom", f"needs about {plan.peak / 2**30:.1f} GiB at {plan.explain()}; "
+                       f"{holder or where} has {memory_bytes / 2**30:.1f} GiB", where=where)
     return Verdict(False)
 
 

@@ -66,6 +66,9 @@ class ArtifactCache:
     def entry(self, group_id: str, device: str) -> Path:
         return self.root / f"{group_id}-{torch.device(device).type}"
 
+    def has(self, group_id: str, device: str = "cpu") -> bool:
+        return (self.entry(group_id, device) / "report.pt").is_file()
+
     def get(self, group_id: str, device: str = "cpu") -> Artifact | None:
         entry = self.entry(group_id, device)
         if not (entry / "report.pt").is_file():

@@ -189,3 +189,21 @@ def count_params(model: Any) -> int:
             seen.add(tensor_key(p))
             total += p.numel()
     return total
+
+
+def copy_to(module: Any, device: str) -> Any:
+    """A deep copy of ``module`` whose parameters and buffers are on ``device``, made tensor by
+    tensor from where they are (no second whole copy on either side; tied tensors stay tied).
+    The quantized copy of a base model kept on the host goes to the accelerator this way."""
+    import copy
+
+    import torch
+
+    memo: dict[int, Any] = {}
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if id(tensor) in memo:
+            continue
+        moved = tensor.detach().to(device, copy=True)
+        memo[id(tensor)] = (torch.nn.Parameter(moved, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, torch.nn.Parameter) else moved)
+    return copy.deepcopy(module, memo)

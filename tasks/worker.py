@@ -39,7 +39,7 @@ from tasks.errors import (
 from tasks.evaluate.data import check_schema
 from tasks.evaluate.reference import BaselineLogprobs
 from tasks.evaluate.registry import get_task
-from tasks.models import load_model, loaded_commit, model_folder
+from tasks.models import copy_to, load_model, loaded_commit, model_folder
 from tasks.profile.columns import eval_memory_columns, speed_columns, speed_metrics
 from tasks.profile.sizes import dense_weight_bytes, profile_sizes
 from tasks.profile.speed import profile_speed
@@ -237,7 +237,11 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
         if not prepared:
             return
         calib, calib_ids = None, None
+        if head.method != "baseline":  # KL's reference, while the base model is on the accelerator
+            precompute_references(group, prepared, base, state)
         caching = state.artifacts is not None and info.in_place  # the baseline is never cached
+        if caching and state.device.startswith("cuda") and state.artifacts.has(group.group_id, state.device):
+            state.offload_base()  # the cached copy is read onto the accelerator: the base makes room
         cached = state.artifacts.get(group.group_id, state.device) if caching else None
         if cached is not None:  # quantized by an earlier run: no calibration, no quantization
             model, report, quant_seconds = cached.model, cached.report, 0.0
@@ -281,18 +285,8 @@ def run_group(group: Group, state: WorkerState, oom_retries: int = 2,
                "time_profile_s": profile_time.seconds}
     yield None, {"stage": "evaluate"}
 
-    # The base model's log-probs for KL, once per dataset, before any cell's timers and trackers;
-    # then the base leaves the accelerator while the quantized model evaluates there.
-    resident = 0
-    if model is not base:
-        for cell in (c for c in group.cells if c.cell_id in prepared):
-            task = get_task(cell.dataset.task).load()()
-            if getattr(task, "takes_reference", False):
-                try:
-                    state.reference(cell).precompute(task.reference_batches(base, prepared[cell.cell_id]))
-                except Exception as exc:  # noqa: BLE001 - the cell computes what is missing, or fails as a row
-                    log.warning("cell %s: reference log-probs not precomputed: %s", cell.cell_id, exc)
-        resident = state.offload_base()
+    # The base leaves the accelerator while the quantized model evaluates there.
+    resident = state.offload_base() if model is not base else 0
     common["resident_base_bytes"] = resident
 
     for cell in (c for c in group.cells if c.cell_id in prepared):
@@ -365,7 +359,11 @@ def quantize(head: Any, state: WorkerState, base: Any, calib: Calibration | None
     ctx = QuantContext(model_path=model_folder(head.model.path, state.model_commit), workdir=workdir,
                        device=state.device, threads=torch.get_num_threads(), seed=head.seed)
     with Timer(state.device) as quant_time:
-        model = copy.deepcopy(base) if info.in_place else base
+        model = base
+        if head.method != "baseline" and state.device.startswith("cuda"):
+            state.offload_base()  # an engine loads its own copy, an in-place method gets one: room first
+        if info.in_place:
+            model = working_copy(base, state.device)
         config = info.config(**head.params)
         report = info.load()().quantize(model, calib, config, head.bits, head.group_size, ctx)
         if report.model is not None:  # an engine built a new (e.g. packed) model
@@ -373,6 +371,29 @@ def quantize(head: Any, state: WorkerState, base: Any, calib: Calibration | None
             report.model = None
         _check_finite(model)
     return model, report, quant_time.seconds
+
+
+def working_copy(base: Any, device: str) -> Any:
+    """The copy of the base model an in-place method changes. On an accelerator the base model
+    has moved to host memory (``offload_base``) and the copy goes to the device tensor by tensor,
+    so the accelerator never holds two copies of the weights (an 8B model in bf16: 16 GB, not
+    32); on the host a plain deep copy (re-reading from disk would cost the same memory and more
+    time)."""
+    if device.startswith("cuda"):
+        return copy_to(base, device)
+    return copy.deepcopy(base)
+
+
+def precompute_references(group: Group, prepared: dict[str, Any], base: Any, state: WorkerState) -> None:
+    """The base model's log-probs for KL, once per dataset, before any cell's timers and trackers
+    (and before the base leaves the accelerator for the quantized copy)."""
+    for cell in (c for c in group.cells if c.cell_id in prepared):
+        task = get_task(cell.dataset.task).load()()
+        if getattr(task, "takes_reference", False):
+            try:
+                state.reference(cell).precompute(task.reference_batches(base, prepared[cell.cell_id]))
+            except Exception as exc:  # noqa: BLE001 - the cell computes what is missing, or fails as a row
+                log.warning("cell %s: reference log-probs not precomputed: %s", cell.cell_id, exc)
 
 
 def run_group_rows(group: Group, state: WorkerState, oom_retries: int = 2) -> dict[str, dict[str, Any]]:

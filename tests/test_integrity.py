@@ -304,11 +304,13 @@ def test_machine_verdicts_use_the_workers_facts():
             "paths": {"/models/m": "dir", "/data/d.txt": "file"}, "models": {}}
     facts = ModelFacts(widths={"hidden_size": 4096, "intermediate_size": 14336}, params=8_000_000_000)
     assert not machine_verdict(cell, seen, facts).skip
-    # an 8B model in bfloat16, base + quantized copy on a 24 GB GPU: skipped, naming the GPU
-    small_gpu = dict(seen, gpu_memory_bytes=24 * 2**30, gpu_name="NVIDIA L4")
+    # an 8B model in bfloat16 on a 16 GB GPU: its quantized copy alone (+10%) does not fit, skipped
+    # naming the GPU (the base model leaves the GPU while the copy is made: 24 GB would do)
+    assert not machine_verdict(cell, dict(seen, gpu_memory_bytes=24 * 2**30, gpu_name="NVIDIA L4"), facts).skip
+    small_gpu = dict(seen, gpu_memory_bytes=16 * 2**30, gpu_name="Tesla T4")
     verdict = machine_verdict(cell, small_gpu, facts)
     assert verdict.skip and verdict.error_class == "oom" and verdict.where == "worker gpu-node-7"
-    assert "worker gpu-node-7's GPU (NVIDIA L4) has 24.0 GiB" in verdict.reason
+    assert "worker gpu-node-7's GPU (Tesla T4) has 16.0 GiB" in verdict.reason
     assert not machine_verdict(cell, dict(seen, gpu_memory_bytes=80 * 2**30), facts).skip
     missing = machine_verdict(cell, dict(seen, paths={"/models/m": "dir", "/data/d.txt": None}), facts)
     assert missing.skip and "dataset file /data/d.txt does not exist (checked on worker gpu-node-7)" in missing.reason
