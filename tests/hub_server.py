@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import http.client
 import http.server
-import io
 import json
 import re
 import subprocess
@@ -280,12 +279,16 @@ class HubServer:
                     while chunk := response.read(1 << 20):
                         self.wfile.write(chunk)
                     return
-                data = io.BytesIO()
-                while chunk := response.read(1 << 20):
-                    data.write(chunk)
-                self.send_header("Content-Length", str(data.tell()))
+                # no length known (olah streams): relay it chunked as it comes, so that a large
+                # file's first bytes reach the client within its read timeout
+                self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                self.wfile.write(data.getvalue())
+                try:
+                    while chunk := response.read1(1 << 20):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):  # the client went away
+                    self.close_connection = True
 
         return Front
 
