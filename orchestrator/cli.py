@@ -102,10 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     _max_cells(p)
 
     p = sub.add_parser("compact", help="merge a sweep's per-cell files into a few files",
-                       description="Merge the per-cell Parquet files of SWEEP (default: every "
-                       "sweep in the store) into a few files, newest row per cell. Safe to kill; "
-                       "also run at the end of every `qsweep run`.")
+                       description="Fold the per-cell Parquet files of SWEEP (default: every "
+                       "sweep in the store) into a new compacted part, newest row per cell; earlier "
+                       "parts are left as they are unless a new row supersedes one of theirs (or "
+                       "many small ones have piled up). Safe to kill; also run at the end of every "
+                       "`qsweep run` and every 1000 cells during one.")
     p.add_argument("sweep", nargs="?", help="sweep name (default: all)")
+    p.add_argument("--full", action="store_true",
+                   help="merge every file of the sweep, parts included, into as few parts as possible")
     p.add_argument("--results", default="results", help="results directory (default: ./results)")
 
     p = sub.add_parser("query", help="SQL or a named query over the results (views: cells, metrics, ...)",
@@ -445,7 +449,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     for sweep in sweeps:
         try:
             with acquire(store.leases(), sweep):  # never beside a driver writing this sweep
-                files_in, files_out = store.compact(sweep)
+                files_in, files_out = store.compact(sweep, full=args.full)
         except LeaseHeld as exc:
             print(f"qsweep compact: {exc} (it compacts the sweep itself when it ends)", file=sys.stderr)
             return EXIT_HELD

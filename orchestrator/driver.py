@@ -42,6 +42,9 @@ FORWARDED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_CACHE", "HF_DATASETS_CACHE",
 # Paths of the driver's own machine: forwarded to an embedded Ray (the same machine), but on a
 # cluster only when named in QSWEEP_FORWARD_ENV (or set in the job's runtime env): a worker node
 # keeps its own (node-local scratch, its own cache).
+# Compaction while a sweep runs: every this many new rows, or this many seconds with new rows
+# (QSWEEP_COMPACT_EVERY_CELLS / QSWEEP_COMPACT_EVERY_S override).
+COMPACT_EVERY_CELLS, COMPACT_EVERY_S = 1000, 600.0
 MACHINE_ENV = ("HF_HOME", "QSWEEP_CACHE", "QSWEEP_SCRATCH")
 DONE_STATUSES = ("ok",)
 GROW_EVERY_S = 10.0  # how often a driver with queued groups looks for GPU slots that appeared
@@ -189,6 +192,7 @@ class SweepRun:
         self.queue: list[Group] = []
         self.bar: Any = None
         self.plan: Plan | None = None
+        self._compacted_at_rows, self._compacted_at = 0, time.monotonic()
 
     def write(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Write rows under the lease, stamped with its sequence; a row that is not ok for a
@@ -208,9 +212,32 @@ class SweepRun:
         """Final rows: written (``written`` counts those the store got) and counted."""
         self.written += len(self.write(rows))
         self.statuses.update(r["status"] for r in rows)
+        self.compact_if_due()
         if self.bar is not None:
             self.bar.update(len(rows))
             self.bar.set_postfix({k: v for k, v in self.statuses.items() if v})
+
+    def compact_if_due(self) -> None:
+        """Compact while the sweep runs, every ``COMPACT_EVERY_CELLS`` rows or
+        ``COMPACT_EVERY_S`` seconds with new rows (incremental: only the new rows are written
+        as a part), so that readers of a long sweep never face tens of thousands of one-row
+        files. Under the lease, like every write; a failed compaction is logged, never fatal
+        (the rows are on disk as their own files)."""
+        pending = self.written - self._compacted_at_rows
+        if pending <= 0:
+            return
+        every_cells = int(os.environ.get("QSWEEP_COMPACT_EVERY_CELLS") or COMPACT_EVERY_CELLS)
+        every_s = float(os.environ.get("QSWEEP_COMPACT_EVERY_S") or COMPACT_EVERY_S)
+        if pending < every_cells and time.monotonic() - self._compacted_at < every_s:
+            return
+        self.lease.check()
+        try:
+            files_in, files_out = self.store.compact(self.spec.name)
+            log.info("compacted %d files into %d while the sweep runs", files_in, files_out)
+        except Exception as exc:  # noqa: BLE001 - the rows stay as their own files
+            log.warning("compaction during the sweep failed (%s: %s); it runs again at the end",
+                        type(exc).__name__, exc)
+        self._compacted_at_rows, self._compacted_at = self.written, time.monotonic()
 
     def reuse(self) -> None:
         """Rows for the cells another sweep of the store finished ok: that sweep's row, in this

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -127,36 +128,71 @@ class Store:
         paths = list(self.root.glob(f"{prefix}/cells/*.parquet")) + list(self.root.glob(f"{prefix}/compacted/*.parquet"))
         return sorted(str(p) for p in paths if not p.name.startswith(TMP_PREFIX))
 
-    def compact(self, sweep: str, rows_per_file: int = 250_000) -> tuple[int, int]:
-        """Merge the sweep's files into few, newest row per cell; returns (files in, files out).
+    def compact(self, sweep: str, rows_per_file: int = 250_000, full: bool = False) -> tuple[int, int]:
+        """Fold the sweep's per-cell files into a new compacted part; returns (files in, files out).
 
-        Safe to kill at any point: new parts appear by atomic rename before any source is
-        deleted, and readers de-duplicate in between. A source rewritten meanwhile (its inode
-        changed) is left in place, so a concurrent writer's row is never deleted.
+        Incremental: parts already compacted are not rewritten, except a part that holds a row
+        the new rows supersede (a cell run again: the part is rewritten without it, so no stale
+        row stays on disk) and, once ``MERGE_PARTS`` parts under half of ``rows_per_file`` have
+        piled up, those small parts (merged into one). New rows that lose to a row already in a
+        part (a failure after an ok row, a copy left by a killed compaction) are dropped.
+        ``full`` merges everything into as few parts as ``rows_per_file`` allows.
+
+        Safe to kill at any point: new parts appear by atomic rename (a PUT on object stores)
+        before any source is deleted, and readers de-duplicate in between. A source rewritten
+        meanwhile is left in place, so a concurrent writer's row is never deleted.
         """
         if self.fs is not None:
-            return self._compact_remote(sweep, rows_per_file)
-        sources = self.files(sweep)
+            return self._compact_remote(sweep, rows_per_file, full)
         self._remove_stale_tmp(sweep)
-        if len(sources) <= 1:
-            return len(sources), len(sources)
+        sources = self.files(sweep)
+        cell_files = [p for p in sources if "/cells/" in p]
+        parts = [p for p in sources if "/compacted/" in p]
         before = {path: os.stat(path).st_ino for path in sources}
-        table = _newest(_read_files(sources, None))
-        table = table.sort_by([("cell_id", "ascending")])
+        merge, table = self._merge_plan(cell_files, parts, rows_per_file, full)
+        if merge is None:
+            return len(sources), len(sources)
         directory = self.root / sweep / "compacted"
         outputs = []
-        for start in range(0, max(table.num_rows, 1), rows_per_file):
+        for start in range(0, table.num_rows, rows_per_file):  # none when every row is already in a part
             part = directory / f"part-{uuid.uuid4().hex}.parquet"
             outputs.append(_atomic_write(table.slice(start, rows_per_file), part))
-        for path in sources:
+        for path in merge:
             try:
                 if os.stat(path).st_ino == before[path]:
                     os.unlink(path)
             except FileNotFoundError:
                 pass
-        return len(sources), len(outputs)
+        return len(merge), len(outputs)
 
-    def _compact_remote(self, sweep: str, rows_per_file: int) -> tuple[int, int]:
+    def _merge_plan(self, cell_files: list[str], parts: list[str], rows_per_file: int,
+                    full: bool) -> tuple[list[str] | None, pa.Table | None]:
+        """The files a compaction merges and the rows of the part(s) it writes; (None, None)
+        when there is nothing to do. See ``compact``."""
+        if full:
+            merge = cell_files + parts
+            if len(merge) <= 1:
+                return None, None
+            return merge, _newest(_read_files(merge, self.fs)).sort_by([("cell_id", "ascending")])
+        small = [p for p in parts if pq.read_metadata(p, filesystem=self.fs).num_rows < rows_per_file // 2]
+        folded = small if len(small) >= MERGE_PARTS else []
+        if not cell_files and not folded:
+            return None, None
+        kept = [p for p in parts if p not in folded]
+        new = _newest(_read_files(cell_files + folded, self.fs)) if cell_files + folded else SCHEMA.empty_table()
+        dirty: list[str] = []
+        if kept and new.num_rows:
+            winners, on_disk = _winners(new, kept, self.fs)
+            dirty = sorted({path for path, wins in winners.items() if path != NEW and not wins})
+            if dirty:  # fold those parts in too, and rank again
+                new = _newest(pa.concat_tables([new, _read_files(dirty, self.fs)], promote_options="default"))
+            # a cell whose row is in a part that stays has its first row there: drop its copies here
+            stay = {cell for cell, path in on_disk if path not in dirty}
+            if stay:
+                new = new.filter(pc.invert(pc.is_in(new.column("cell_id"), pa.array(sorted(stay)))))
+        return cell_files + folded + dirty, new.sort_by([("cell_id", "ascending")])
+
+    def _compact_remote(self, sweep: str, rows_per_file: int, full: bool) -> tuple[int, int]:
         """``compact`` on a URI store: parts are PUT (atomic) before any source is deleted; a
         source whose size changed since the listing, or whose row now carries another write
         sequence, was rewritten meanwhile and is kept (modification times, at 1 s resolution
@@ -167,25 +203,27 @@ class Store:
             if _is_tmp(info.path) and info.mtime is not None and info.mtime.timestamp() < stale:
                 self._delete(info.path)
         sources = [info for info in infos if not _is_tmp(info.path)]
-        if len(sources) <= 1:
-            return len(sources), len(sources)
         paths = [i.path for i in sources]
-        read_as = _sequences(paths, self.fs)
-        table = _newest(_read_files(paths, self.fs)).sort_by([("cell_id", "ascending")])
+        read_as = _sequences([p for p in paths if "/cells/" in p], self.fs) if paths else {}
+        merge, table = self._merge_plan([p for p in paths if "/cells/" in p],
+                                        [p for p in paths if "/compacted/" in p], rows_per_file, full)
+        if merge is None:
+            return len(sources), len(sources)
         outputs = []
-        for start in range(0, max(table.num_rows, 1), rows_per_file):
+        for start in range(0, table.num_rows, rows_per_file):  # none when every row is already in a part
             part = f"{self.base}/{sweep}/compacted/part-{uuid.uuid4().hex}.parquet"
             _put(self.fs, part, _parquet_bytes(table.slice(start, rows_per_file)))
             outputs.append(part)
-        unchanged = [info.path for info, now in zip(sources, self.fs.get_file_info(paths))
-                     if now.type == pafs.FileType.File and now.size == info.size]
+        size = {info.path: info.size for info in sources}
+        unchanged = [path for path, now in zip(merge, self.fs.get_file_info(merge))
+                     if now.type == pafs.FileType.File and now.size == size[path]]
         cell_files = [path for path in unchanged if "/cells/" in path]
         read_now = _sequences(cell_files, self.fs) if cell_files else {}
         for path in unchanged:
             if "/cells/" in path and (path not in read_as or read_now.get(path) != read_as[path]):
                 continue  # rewritten with a row of another write sequence but the same size
             self._delete(path)
-        return len(sources), len(outputs)
+        return len(merge), len(outputs)
 
     def _delete(self, path: str) -> None:
         try:
@@ -271,13 +309,40 @@ def _sequences(paths: list[str], fs: pafs.FileSystem | None) -> dict[str, list[t
     return {path: sorted(rows) for path, rows in found.items()}
 
 
-def _newest(table: pa.Table) -> pa.Table:
+NEW = "<new>"  # the rows a compaction is folding in, beside the parts' files
+MERGE_PARTS = 8  # small compacted parts that, piled up, are merged into one
+
+
+def _winners(new: pa.Table, parts: list[str],
+             fs: pafs.FileSystem | None) -> tuple[dict[str, bool], list[tuple[str, str]]]:
+    """For ``new`` rows (one per cell) against the rows of compacted ``parts``: per source
+    (``NEW`` or a part's path), whether every row it holds is its cell's first by
+    ``ROW_ORDER`` (a tie goes to the part: its copy stays where it is); and the parts'
+    (cell_id, path) pairs. Reads only the ranking columns of the parts."""
+    keys = ["cell_id", "status", "write_generation", "write_seq", "finished_at"]
+    on_disk = pads.dataset(parts, schema=SCHEMA, format="parquet", filesystem=fs).to_table(
+        columns=keys + ["__filename"])
+    here = new.select(keys)
+    both = pa.concat_tables([
+        here.append_column("source", pa.array([NEW] * here.num_rows)).append_column(
+            "from_new", pa.array(np.ones(here.num_rows, dtype=np.int8))),
+        on_disk.drop_columns(["__filename"]).append_column("source", on_disk.column("__filename")).append_column(
+            "from_new", pa.array(np.zeros(on_disk.num_rows, dtype=np.int8)))])
+    ranked = _newest(both, tiebreak=[("from_new", "ascending")])
+    winning = set(zip(ranked.column("cell_id").to_pylist(), ranked.column("source").to_pylist()))
+    result: dict[str, bool] = {}
+    for cell_id, source in zip(both.column("cell_id").to_pylist(), both.column("source").to_pylist()):
+        result[source] = result.get(source, True) and (cell_id, source) in winning
+    return result, list(zip(on_disk.column("cell_id").to_pylist(), on_disk.column("__filename").to_pylist()))
+
+
+def _newest(table: pa.Table, tiebreak: list[tuple[str, str]] | None = None) -> pa.Table:
     """One row per cell_id, the first by ``ROW_ORDER``."""
     if table.num_rows == 0:
         return table
     ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).cast(pa.int8())
     keyed = table.append_column("status_ok", ok)
-    keys = [(key, order) for key, order in ROW_ORDER if key in keyed.column_names]
+    keys = [(key, order) for key, order in ROW_ORDER if key in keyed.column_names] + (tiebreak or [])
     try:  # pyarrow >= 25: null placement per key
         order = pc.sort_indices(keyed, [(key, direction, "at_end") for key, direction in keys])
     except (TypeError, ValueError, pa.ArrowInvalid):
