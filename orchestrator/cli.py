@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "sweep in the store) into a new compacted part, newest row per cell; earlier "
                        "parts are left as they are unless a new row supersedes one of theirs (or "
                        "many small ones have piled up). Safe to kill; also run at the end of every "
-                       "`qsweep run` and every 1000 cells during one.")
+                       "`qsweep run` and every 50 cells (or 5 minutes) during one.")
     p.add_argument("sweep", nargs="?", help="sweep name (default: all)")
     p.add_argument("--full", action="store_true",
                    help="merge every file of the sweep, parts included, into as few parts as possible")

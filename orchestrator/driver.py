@@ -44,7 +44,7 @@ FORWARDED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_CACHE", "HF_DATASETS_CACHE",
 # keeps its own (node-local scratch, its own cache).
 # Compaction while a sweep runs: every this many new rows, or this many seconds with new rows
 # (QSWEEP_COMPACT_EVERY_CELLS / QSWEEP_COMPACT_EVERY_S override).
-COMPACT_EVERY_CELLS, COMPACT_EVERY_S = 1000, 600.0
+COMPACT_EVERY_CELLS, COMPACT_EVERY_S = 50, 300.0
 MACHINE_ENV = ("HF_HOME", "QSWEEP_CACHE", "QSWEEP_SCRATCH")
 DONE_STATUSES = ("ok",)
 GROW_EVERY_S = 10.0  # how often a driver with queued groups looks for GPU slots that appeared

@@ -23,6 +23,7 @@ filesystems it is written to a temporary name and moved.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import uuid
@@ -174,8 +175,8 @@ class Store:
             if len(merge) <= 1:
                 return None, None
             return merge, _newest(_read_files(merge, self.fs)).sort_by([("cell_id", "ascending")])
-        small = [p for p in parts if pq.read_metadata(p, filesystem=self.fs).num_rows < rows_per_file // 2]
-        folded = small if len(small) >= MERGE_PARTS else []
+        sizes = {p: pq.read_metadata(p, filesystem=self.fs).num_rows for p in parts}
+        folded = mergeable(sizes, rows_per_file)
         if not cell_files and not folded:
             return None, None
         kept = [p for p in parts if p not in folded]
@@ -310,7 +311,26 @@ def _sequences(paths: list[str], fs: pafs.FileSystem | None) -> dict[str, list[t
 
 
 NEW = "<new>"  # the rows a compaction is folding in, beside the parts' files
-MERGE_PARTS = 8  # small compacted parts that, piled up, are merged into one
+MERGE_PARTS = 8  # small compacted parts of one size class that, piled up, are merged into one
+
+
+def tier(rows: int) -> int:
+    """Size class of a part: parts of one class are within a factor ``MERGE_PARTS`` of each other."""
+    return int(math.log(max(rows, 1), MERGE_PARTS))
+
+
+def mergeable(sizes: dict[str, int], rows_per_file: int) -> list[str]:
+    """The parts (path -> rows) a compaction merges: those of the smallest size class that
+    holds ``MERGE_PARTS`` parts under half of ``rows_per_file`` (size-tiered, so a row is
+    rewritten about log_8(rows) times over a store's life, not at every compaction)."""
+    tiers: dict[int, list[str]] = {}
+    for path, rows in sorted(sizes.items()):
+        if rows < rows_per_file // 2:
+            tiers.setdefault(tier(rows), []).append(path)
+    for _, paths in sorted(tiers.items()):
+        if len(paths) >= MERGE_PARTS:
+            return paths
+    return []
 
 
 def _winners(new: pa.Table, parts: list[str],
