@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs for the embedded Ray (default: detected; logical GPUs for tests)")
     p.add_argument("--cpu-actors", type=_positive, default=None,
                    help="CPU actors when there is no GPU (default: the spec's cpu_actors, 1)")
+    p.add_argument("--gpus-per-actor", type=_positive, default=None, metavar="N",
+                   help="GPU actors of N GPUs each for every model whose entry sets no gpus_per_actor; "
+                        "the driver waits for GPU nodes (an autoscaling cluster) instead of running "
+                        "on the CPU, up to QSWEEP_GPU_WAIT_S seconds (default 900)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="show actor logs")
     p.add_argument("--artifact-cache", metavar="DIR", default=None,
@@ -283,7 +287,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run_sweep(spec, store, gpus=args.gpus, cpu_actors=args.cpu_actors,
                            progress=not args.no_progress, verbose=args.verbose, rerun=rerun,
-                           wait=args.wait)
+                           wait=args.wait, gpus_per_actor=args.gpus_per_actor)
     except LeaseHeld as exc:
         print(f"qsweep run: {exc}", file=sys.stderr)
         return EXIT_HELD

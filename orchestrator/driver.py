@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator.cells import Cell, Group, expand, group_cells, identity_columns, rerun_ids
@@ -155,7 +155,8 @@ class Running:
 
 def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int | None = None,
               progress: bool = True, verbose: bool = False,
-              rerun: list[dict[str, list]] | None = None, wait: bool = False) -> RunResult:
+              rerun: list[dict[str, list]] | None = None, wait: bool = False,
+              gpus_per_actor: int | None = None) -> RunResult:
     """Run every cell of ``spec`` that has no ``ok`` row in ``store``.
 
     The driver first takes the sweep's lease (``orchestrator.lease``; another driver holding it
@@ -166,12 +167,20 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
     running method) is retried on a fresh actor up to ``retries``; then its row records what
     happened. Cells matching a ``rerun`` rule run again even when done; their new ok row
     supersedes the old, a failure never replaces an ok row.
+
+    Actors hold one GPU each, or a model entry's ``gpus_per_actor`` (packed per node; the
+    groups of each actor size run as a phase, largest first). ``gpus_per_actor`` here is the
+    default for models that set none and asks for GPU actors: without GPU nodes the driver
+    waits for them (``QSWEEP_GPU_WAIT_S``) instead of running on the CPU.
     """
     started = time.perf_counter()
     store.check_writable(spec.name)
     lease = acquire(store.leases(), spec.name, wait=wait)
     try:
-        sweep = SweepRun(spec, store, lease, progress)
+        if gpus_per_actor is not None:  # where cells run, not what they are: identities unchanged
+            spec = replace(spec, models=tuple(
+                replace(m, gpus_per_actor=gpus_per_actor) if m.gpus_per_actor == 1 else m for m in spec.models))
+        sweep = SweepRun(spec, store, lease, progress, gpus_required=gpus_per_actor is not None)
         sweep.run(gpus, cpu_actors or spec.cpu_actors, verbose, rerun)
         store.compact(spec.name)
     finally:
@@ -183,8 +192,9 @@ def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int
 class SweepRun:
     """One driver run of a sweep under its lease: the plan, the queue of groups, the writes."""
 
-    def __init__(self, spec: Spec, store: Store, lease: Lease, progress: bool):
+    def __init__(self, spec: Spec, store: Store, lease: Lease, progress: bool, gpus_required: bool = False):
         self.spec, self.store, self.lease, self.progress = spec, store, lease, progress
+        self.gpus_required = gpus_required  # GPU actors or none: never the CPU fallback
         self.sweep_hash = spec_hash(spec)
         self.statuses: Counter = Counter()
         self.written = self.ran = self.reused = 0
@@ -297,12 +307,30 @@ class SweepRun:
             self.ran = len(plan.pending)
             self.bar = tqdm(total=len(plan.pending), unit="cell", desc=f"sweep {self.spec.name}",
                             disable=not self.progress)
-            self.queue = list(groups)
-            self.schedule(ray, pool)
+            for size, phase in phases(groups):  # the largest actors first, each size its own pool
+                if size != pool.gpus_per_actor:
+                    pool.shutdown()
+                    pool = ActorPool(len(phase), cpu_actors, gpus_per_actor=size)
+                if (size > 1 or self.gpus_required) and not pool.wait_for_gpus():
+                    self.no_gpus(phase, size)
+                    continue
+                self.queue = list(phase)
+                self.schedule(ray, pool)
             self.bar.close()
         finally:
             if not os.environ.get("RAY_ADDRESS"):
                 ray.shutdown()
+
+    def no_gpus(self, groups: list[Group], size: int) -> None:
+        """Rows for groups whose model needs ``size`` GPUs per actor when no node with that
+        many joined within the wait (``QSWEEP_GPU_WAIT_S``): never run on fewer, or on the CPU."""
+        message = (f"gpus_per_actor={size}: no node with {size} GPUs joined the cluster within "
+                   f"{gpu_wait_s():.0f} s (QSWEEP_GPU_WAIT_S); add such nodes (or lower gpus_per_actor) "
+                   "and run again: only these cells run")
+        log.warning("%s", message)
+        self.record([failure_row(cell, "timeout", "preflight", message, self.sweep_hash,
+                                 self.plan.prior_attempts.get(cell.cell_id, 0) + 1)
+                     for group in groups for cell in group.cells])
 
     def check_on_worker(self, pool: ActorPool) -> None:
         """Judge the pending cells on facts of a machine they will run on (a probe with the
@@ -433,6 +461,22 @@ def failure_row(cell: Cell, error_class: str, stage: str, message: str, sweep_ha
         sweep_hash, attempts=attempts)
 
 
+def phases(groups: list[Group]) -> list[tuple[int, list[Group]]]:
+    """Groups by the GPUs an actor of their model holds (``gpus_per_actor``), largest first."""
+    by_size: dict[int, list[Group]] = {}
+    for group in groups:
+        by_size.setdefault(group.head.model.gpus_per_actor, []).append(group)
+    return sorted(by_size.items(), key=lambda item: -item[0])
+
+
+def gpu_wait_s() -> float:
+    """How long the driver waits for GPU nodes an actor size needs: ``QSWEEP_GPU_WAIT_S``, else
+    900 s on a cluster (an autoscaler may bring them) and none on an embedded Ray (nothing will)."""
+    if os.environ.get("QSWEEP_GPU_WAIT_S"):
+        return float(os.environ["QSWEEP_GPU_WAIT_S"])
+    return 900.0 if os.environ.get("RAY_ADDRESS") else 0.0
+
+
 def _next_group(queue: list[Group], model_path: str | None) -> Group:
     """Prefer a group of the model this actor already holds."""
     for i, group in enumerate(queue):
@@ -517,8 +561,13 @@ class CellActor:
 
         mark = time.perf_counter()
         try:
+            import ray
+
+            gpus = len(ray.get_gpu_ids())
             for cell_id, row in run_group(group, self.state, oom_retries):
                 row["time_worker_s"] = time.perf_counter() - mark
+                if cell_id is not None:
+                    row["actor_gpus"] = gpus
                 yield cell_id, row
                 mark = time.perf_counter()
         except DeviceLost as exc:
@@ -535,36 +584,72 @@ class ActorPool:
     ``cpu_actors`` CPU actors sharing the CPUs. The GPU slots are read again when actors are
     replaced or the pool grows, so nodes that died drop out and nodes that joined get actors."""
 
-    def __init__(self, n_groups: int, cpu_actors: int):
+    def __init__(self, n_groups: int, cpu_actors: int, gpus_per_actor: int = 1):
         import ray
 
         self.cpu_actors = cpu_actors
+        self.gpus_per_actor = gpus_per_actor
         self._remote = ray.remote(CellActor)
         self.node_of: dict[Any, str | None] = {}  # live actor -> the node it is pinned to
+        self.n_groups = n_groups
         slots = self._slots()
         self.size = min(sum(n for _, n, _ in slots), n_groups)
         self.options = self._options(slots[0])
 
+    @property
+    def gpu_actors(self) -> bool:
+        return self.options.get("num_gpus", 0) > 0
+
     def _slots(self) -> list[tuple[str | None, int, int]]:
-        """(node id, actors it takes, CPUs per actor) per alive GPU node; [(None, cpu_actors,
-        CPUs per actor)] on a cluster without GPUs."""
+        """(node id, actors it takes, CPUs per actor) per alive node with at least
+        ``gpus_per_actor`` GPUs (an actor per that many GPUs, packed per node, each asking for its
+        share of that node's CPUs); [(None, cpu_actors, CPUs per actor)] on a cluster without
+        GPUs (for one-GPU actors; larger ones wait for GPUs: ``wait_for_gpus``)."""
         import ray
 
+        per = self.gpus_per_actor
         gpu_nodes = []
         for node in ray.nodes():
             resources = node.get("Resources") or {}
             gpus = int(resources.get("GPU", 0))
-            if node.get("Alive") and gpus:
-                gpu_nodes.append((node["NodeID"], gpus, int(resources.get("CPU", 0)) // gpus))
+            if node.get("Alive") and gpus >= per:
+                actors = gpus // per
+                gpu_nodes.append((node["NodeID"], actors, int(resources.get("CPU", 0)) // actors))
         if gpu_nodes:
             return gpu_nodes
         n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         return [(None, self.cpu_actors, max(1, n_cpus // self.cpu_actors))]
 
-    @staticmethod
-    def _options(slot: tuple[str | None, int, int]) -> dict[str, Any]:
+    def _options(self, slot: tuple[str | None, int, int]) -> dict[str, Any]:
         node, _, cpus = slot
-        return {"num_gpus": 1, "num_cpus": cpus} if node else {"num_cpus": cpus}
+        return {"num_gpus": self.gpus_per_actor, "num_cpus": cpus} if node else {"num_cpus": cpus}
+
+    def wait_for_gpus(self, poll_s: float = 5.0) -> bool:
+        """Wait (up to ``QSWEEP_GPU_WAIT_S``) until a node with ``gpus_per_actor`` GPUs is alive,
+        as an autoscaler brings one; True once the pool has GPU slots (re-sized to them)."""
+        deadline = time.monotonic() + gpu_wait_s()
+        told = False
+        while True:
+            slots = self._slots()
+            if slots[0][0] is not None:
+                self.size = min(sum(n for _, n, _ in slots), self.n_groups)
+                self.options = self._options(slots[0])
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            if not told:
+                log.warning("waiting up to %.0f s for a node with %d GPUs (gpus_per_actor)",
+                            gpu_wait_s(), self.gpus_per_actor)
+                told = True
+            time.sleep(poll_s)
+
+    def shutdown(self) -> None:
+        """Kill every actor of this pool (a phase of another actor size follows)."""
+        import ray
+
+        for actor in list(self.node_of):
+            _kill(ray, actor)
+        self.node_of.clear()
 
     def _free_slots(self, count: int) -> list[tuple[str | None, int, int]]:
         """Up to ``count`` slots no live actor holds, GPU nodes filled in turn."""

@@ -252,7 +252,8 @@ class MemoryPlan:
 def memory_plan(cell: Cell, facts: ModelFacts, accelerator: bool) -> MemoryPlan:
     """The memory plan of ``cell``'s group where its weights live: on an accelerator (the base
     model moves to the host while the quantized copy is made and evaluated: the worker's
-    ``working_copy``/``offload_base``) or on the host (the base stays beside its copy).
+    ``working_copy``/``offload_base``; spread over the GPUs of a ``gpus_per_actor`` > 1 actor it
+    stays beside its copy) or on the host (the base stays beside its copy).
 
     Activation statistics (methods that declare them) accumulate on the accelerator a pass at a
     time, at most a quarter of its memory (``tasks.calibration.stats_budget``); on the host they
@@ -285,9 +286,11 @@ def memory_plan(cell: Cell, facts: ModelFacts, accelerator: bool) -> MemoryPlan:
         if accelerator:
             how += ", a pass at a time within a quarter of the device"
         stages["calibrate"] = (base, ("activation statistics", total, how))
+    # the base leaves a single GPU for its copy; spread over several (gpus_per_actor) it stays
+    alone = accelerator and cell.model.gpus_per_actor == 1
     if cell.method != "baseline":
-        stages["quantize"] = (copy,) if accelerator else (base, copy)
-        stages["evaluate"] = ((copy,) if accelerator else (base, copy)) + tuple(evaluation)
+        stages["quantize"] = (copy,) if alone else (base, copy)
+        stages["evaluate"] = ((copy,) if alone else (base, copy)) + tuple(evaluation)
     else:
         stages["evaluate"] = (base,) + tuple(evaluation)
     return MemoryPlan(stages)
@@ -301,6 +304,9 @@ def memory_verdict(cell: Cell, facts: ModelFacts | None, memory_bytes: int | Non
     if facts is None or not facts.params or not memory_bytes:
         return Verdict(False)
     accelerator = holder is not None
+    if accelerator and cell.model.gpus_per_actor > 1:  # the actor holds that many of these GPUs
+        memory_bytes *= cell.model.gpus_per_actor
+        holder = f"{cell.model.gpus_per_actor} x {holder}"
     plan = memory_plan(cell, facts, accelerator)
     if accelerator and "calibrate" in plan.stages:  # the passes keep statistics within a quarter
         stages = dict(plan.stages)

@@ -13,8 +13,8 @@ import pyarrow.compute  # noqa: F401 - pa.compute in upgrade_table
 
 # Version of the row format a row was written with (stamped on each row; never part of a cell's
 # identity). 2 added the writer's sequence (run_id, write_generation, write_seq) and checked_on;
-# 3 added model_revision and model_commit (models from the hub).
-SCHEMA_VERSION = 3
+# 3 added model_revision and model_commit (models from the hub); 4 added actor_gpus.
+SCHEMA_VERSION = 4
 
 STATUSES = ("ok", "failed", "skipped", "timeout")
 ERROR_CLASSES = ("oom", "shape", "unsupported", "nan", "data", "auth", "timeout", "crash", "error")
@@ -218,6 +218,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("host", _S, "host name of the actor"),
     ("actor", _S, "actor that ran the cell (pid@host)"),
     ("gpu_name", _S, "GPU name; null on CPU"),
+    ("actor_gpus", _I, "GPUs Ray gave the actor that ran the cell (the model entry's gpus_per_actor; "
+     "its layers spread over them); 0 on a CPU actor; null for rows written before schema 4"),
     ("torch_threads", _I, "torch intra-op threads in the actor"),
     ("model_loads", _I, "model loads this actor had done when the cell finished"),
     ("versions", _S, "library versions as JSON (python, torch, transformers, qsweep, ...)"),

@@ -53,7 +53,7 @@ RETRYABLE = {"crash": 2, "oom": 2, "timeout": 0}
 DETERMINISTIC = ("shape", "unsupported", "data", "auth", "nan", "error")
 DEFAULT_MAX_CELLS = 1_000_000
 DTYPES = ("float32", "float16", "bfloat16")
-MODEL_KEYS = ("name", "path", "dtype", "trust_remote_code", "revision")
+MODEL_KEYS = ("name", "path", "dtype", "trust_remote_code", "revision", "gpus_per_actor")
 DATASET_KEYS = ("name", "task", "path", "limit")
 CALIBRATION_KEYS = ("dataset", "samples", "seq_len")
 AXES = ("model", "method", "bits", "group_size", "dataset")
@@ -75,6 +75,9 @@ class ModelEntry:
     dtype: str
     trust_remote_code: bool = False
     revision: str | None = None  # a hub id's branch, tag or commit; None: the default branch
+    # GPUs one actor holds for this model (its layers spread over them); where a cell runs, not
+    # what it computes: not part of the identity
+    gpus_per_actor: int = 1
 
     @cached_property
     def canonical(self) -> str:
@@ -289,11 +292,17 @@ def _parse_models(value: Any, problems: _Problems) -> list[ModelEntry]:
         elif revision is not None and isinstance(path, str) and kind(path) != "hub":
             problems.add(f"{where}.revision", revision, f"only a hub id has revisions; {path} is "
                          f"{'a local directory' if kind(path) == 'local' else 'not a hub id'}: remove revision")
+        gpus = entry.get("gpus_per_actor", 1)
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+            problems.add(f"{where}.gpus_per_actor", gpus, "must be a whole number of GPUs, 1 or more "
+                         "(default 1; e.g. 2 for a model that needs two GPUs' memory)")
+            gpus = 1
         if any(m.name == name for m in models):
             problems.add(f"{where}.name", name, "duplicate model name; names must be unique")
         models.append(ModelEntry(name=str(name), path=path or f"known:{name}", dtype=dtype,
                                  trust_remote_code=trust is True,
-                                 revision=revision if isinstance(revision, str) else None))
+                                 revision=revision if isinstance(revision, str) else None,
+                                 gpus_per_actor=gpus))
     return models
 
 

@@ -88,9 +88,11 @@ def load_model(path: str, dtype: str, device: str, trust_remote_code: bool = Fal
     options: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if hub and revision:
         options["revision"] = revision
+    placement = device_map(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(local, **options)
-        model = AutoModelForCausalLM.from_pretrained(local, dtype=getattr(torch, DTYPES[dtype]), **options)
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=getattr(torch, DTYPES[dtype]),
+                                                     **options, **placement)
     except Exception as exc:
         refusal = hub_refusal(exc) if hub else None
         if refusal:
@@ -101,9 +103,28 @@ def load_model(path: str, dtype: str, device: str, trust_remote_code: bool = Fal
                             "can be reached (with --to DIR on shared storage, then HF_HUB_CACHE=DIR/hub "
                             "here)") from exc
         raise
-    model.to(device)
+    if not placement:
+        model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def device_map(device: str) -> dict[str, Any]:
+    """How transformers places the weights as it reads them: straight onto the GPU (no whole
+    copy in host memory first: eight actors of a node loading a 70B model would hold eight),
+    and across every GPU the actor holds (``gpus_per_actor`` > 1: ``device_map="auto"``, layer
+    by layer in order); nothing on the CPU (loaded there, then ``.to``)."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    return {"device_map": "auto" if torch.cuda.device_count() > 1 else device}
+
+
+def spread(model: Any) -> bool:
+    """Whether the model's layers are spread over several devices (``device_map="auto"``)."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    return len({str(d) for d in placed.values()}) > 1
 
 
 # The files of a hub model that loading and quantizing read (weights, configs, tokenizer, remote
@@ -191,10 +212,10 @@ def count_params(model: Any) -> int:
     return total
 
 
-def copy_to(module: Any, device: str) -> Any:
-    """A deep copy of ``module`` whose parameters and buffers are on ``device``, made tensor by
-    tensor from where they are (no second whole copy on either side; tied tensors stay tied).
-    The quantized copy of a base model kept on the host goes to the accelerator this way."""
+def copy_to(module: Any, device: str | None) -> Any:
+    """A deep copy of ``module`` whose parameters and buffers are on ``device`` (None: each
+    where it is), made tensor by tensor (no second whole copy on either side; tied tensors stay
+    tied). The quantized copy of a base model kept on the host goes to the accelerator this way."""
     import copy
 
     import torch
@@ -203,7 +224,7 @@ def copy_to(module: Any, device: str) -> Any:
     for tensor in list(module.parameters()) + list(module.buffers()):
         if id(tensor) in memo:
             continue
-        moved = tensor.detach().to(device, copy=True)
+        moved = tensor.detach().to(device or tensor.device, copy=True)
         memo[id(tensor)] = (torch.nn.Parameter(moved, requires_grad=tensor.requires_grad)
                             if isinstance(tensor, torch.nn.Parameter) else moved)
     return copy.deepcopy(module, memo)

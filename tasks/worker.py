@@ -39,7 +39,7 @@ from tasks.errors import (
 from tasks.evaluate.data import check_schema
 from tasks.evaluate.reference import BaselineLogprobs
 from tasks.evaluate.registry import get_task
-from tasks.models import copy_to, load_model, loaded_commit, model_folder
+from tasks.models import copy_to, load_model, loaded_commit, model_folder, spread
 from tasks.profile.columns import eval_memory_columns, speed_columns, speed_metrics
 from tasks.profile.sizes import dense_weight_bytes, profile_sizes
 from tasks.profile.speed import profile_speed
@@ -100,6 +100,8 @@ class WorkerState:
         what the cell's peak figures measure: on CPU, where nothing can move, the base model and
         the baseline log-probs held in memory for KL."""
         if self._model is None:
+            return 0
+        if spread(self._model):  # its layers span the actor's GPUs (gpus_per_actor): it stays
             return 0
         if self.device.startswith("cuda"):
             self._model.to("cpu")
@@ -379,6 +381,8 @@ def working_copy(base: Any, device: str) -> Any:
     so the accelerator never holds two copies of the weights (an 8B model in bf16: 16 GB, not
     32); on the host a plain deep copy (re-reading from disk would cost the same memory and more
     time)."""
+    if spread(base):  # over several GPUs: the copy's tensors go where the base's are
+        return copy_to(base, None)
     if device.startswith("cuda"):
         return copy_to(base, device)
     return copy.deepcopy(base)
