@@ -33,19 +33,22 @@ from orchestrator.store import Store
 
 log = logging.getLogger(__name__)
 
-# Reach every actor: the hub's address, token and offline switches, the shared caches, and qsweep's
-# own knobs. HF_TOKEN travels in Ray's runtime env (never in a row or a log line: rows and logs are
-# redacted, tasks.errors.redact).
-FORWARDED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE",
+# Reach every actor through Ray's runtime env: the hub's address and offline switches, the shared
+# caches, and qsweep's own knobs.
+FORWARDED_ENV = ("HF_ENDPOINT", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE",
                  "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "QSWEEP_ARTIFACT_CACHE",
                  "QSWEEP_ARTIFACT_CACHE_GB", "QSWEEP_REFERENCE_CACHE_MB")
+# Secrets reach every actor too, but as an argument of the actor (and of the probe task), never
+# in the runtime env: Ray's runtime-env agent writes the whole runtime env, env_vars included, to
+# its log (runtime_env_agent.log). Rows and log lines are redacted besides (tasks.errors).
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # Paths of the driver's own machine: forwarded to an embedded Ray (the same machine), but on a
 # cluster only when named in QSWEEP_FORWARD_ENV (or set in the job's runtime env): a worker node
 # keeps its own (node-local scratch, its own cache).
+MACHINE_ENV = ("HF_HOME", "QSWEEP_CACHE", "QSWEEP_SCRATCH")
 # Compaction while a sweep runs: every this many new rows, or this many seconds with new rows
 # (QSWEEP_COMPACT_EVERY_CELLS / QSWEEP_COMPACT_EVERY_S override).
 COMPACT_EVERY_CELLS, COMPACT_EVERY_S = 50, 300.0
-MACHINE_ENV = ("HF_HOME", "QSWEEP_CACHE", "QSWEEP_SCRATCH")
 DONE_STATUSES = ("ok",)
 GROW_EVERY_S = 10.0  # how often a driver with queued groups looks for GPU slots that appeared
 
@@ -515,12 +518,26 @@ def actor_env(environ: dict[str, str], cluster: bool) -> dict[str, str]:
     MACHINE_ENV); those the job's own runtime env sets are left to it (Ray refuses both)."""
     named = {name.strip() for name in environ.get("QSWEEP_FORWARD_ENV", "").split(",") if name.strip()}
     wanted = FORWARDED_ENV + tuple(k for k in MACHINE_ENV if not cluster or k in named) + tuple(sorted(named))
-    env = {k: environ[k] for k in wanted if k in environ}
+    env = {k: environ[k] for k in wanted if k in environ and k not in SECRET_ENV}
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # NVML and torch agree on device ids
     job_config = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     for key in (job_config.get("runtime_env") or {}).get("env_vars") or {}:
         env.pop(key, None)
     return env
+
+
+def actor_secrets(environ: dict[str, str]) -> dict[str, str]:
+    """The secrets (``SECRET_ENV``) the driver hands each actor as an argument; those the job's
+    own runtime env sets are left to it."""
+    job_config = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    job_vars = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: environ[k] for k in SECRET_ENV if k in environ and k not in job_vars}
+
+
+def _take_secrets(secrets: dict[str, str]) -> None:
+    """In an actor or task: the driver's secrets into this process's environment, where
+    huggingface_hub reads ``HF_TOKEN``."""
+    os.environ.update(secrets)
 
 
 def _connect_hint(address: str, exc: Exception) -> str:
@@ -541,7 +558,8 @@ def _connect_hint(address: str, exc: Exception) -> str:
 class CellActor:
     """Holds a WorkerState (the base model) across groups; imports torch only in the actor."""
 
-    def __init__(self, threads: int | None):
+    def __init__(self, threads: int | None, secrets: dict[str, str] | None = None):
+        _take_secrets(secrets or {})
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         from tasks.errors import redact_logs
 
@@ -691,7 +709,8 @@ class ActorPool:
             options = self._options(slot)
             if slot[0] is not None:  # pinned: its CPU ask is that node's CPUs per GPU
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slot[0], soft=False)
-            actor = self._remote.options(**options).remote(max(1, options["num_cpus"]))
+            actor = self._remote.options(**options).remote(max(1, options["num_cpus"]),
+                                                           actor_secrets(dict(os.environ)))
             self.node_of[actor] = slot[0]
             actors.append(actor)
         pending = {a.ready.remote(): a for a in actors}
@@ -718,7 +737,7 @@ class ActorPool:
 
         task = ray.remote(_probe).options(num_cpus=self.options["num_cpus"],
                                           num_gpus=self.options.get("num_gpus", 0))
-        ref = task.remote(paths, model_paths)
+        ref = task.remote(paths, model_paths, actor_secrets(dict(os.environ)))
         try:
             return ray.get(ref, timeout=timeout_s)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as exc:
@@ -728,8 +747,9 @@ class ActorPool:
             return None
 
 
-def _probe(paths: list[str], model_paths: list[str]) -> dict[str, Any]:
+def _probe(paths: list[str], model_paths: list[str], secrets: dict[str, str] | None = None) -> dict[str, Any]:
     """Runs on a worker node: what ``machine_verdict`` needs to know about it."""
+    _take_secrets(secrets or {})
     from orchestrator.preflight import model_facts
     from tasks.locations import machine_facts
 

@@ -141,15 +141,20 @@ def test_actors_get_the_hub_settings_but_not_the_drivers_machine_paths():
 
     environ = {"HF_TOKEN": "hf_secret", "HF_ENDPOINT": "http://hub:1", "HF_HUB_CACHE": "/shared/hub",
                "HF_HOME": "/home/me/.cache/hf", "QSWEEP_CACHE": "/home/me/q", "QSWEEP_SCRATCH": "/home/me/s"}
+    from orchestrator.driver import actor_secrets
+
     local = actor_env(environ, cluster=False)
-    assert {k: local[k] for k in environ} == environ  # one machine: everything
+    # one machine: everything but the token, which goes to each actor as an argument (Ray's
+    # runtime-env agent logs the runtime env)
+    assert {k: local[k] for k in environ if k != "HF_TOKEN"} == {k: v for k, v in environ.items() if k != "HF_TOKEN"}
+    assert "HF_TOKEN" not in local and actor_secrets(environ) == {"HF_TOKEN": "hf_secret"}
     cluster = actor_env(environ, cluster=True)
-    assert {"HF_TOKEN", "HF_ENDPOINT", "HF_HUB_CACHE"} <= set(cluster)
-    assert not {"HF_HOME", "QSWEEP_CACHE", "QSWEEP_SCRATCH"} & set(cluster)
+    assert {"HF_ENDPOINT", "HF_HUB_CACHE"} <= set(cluster)
+    assert not {"HF_TOKEN", "HF_HOME", "QSWEEP_CACHE", "QSWEEP_SCRATCH"} & set(cluster)
     named = actor_env(environ | {"QSWEEP_FORWARD_ENV": "HF_HOME"}, cluster=True)
     assert named["HF_HOME"] == "/home/me/.cache/hf" and "QSWEEP_SCRATCH" not in named
     job = json.dumps({"runtime_env": {"env_vars": {"HF_TOKEN": "from-the-job"}}})
-    assert "HF_TOKEN" not in actor_env(environ | {"RAY_JOB_CONFIG_JSON_ENV_VAR": job}, cluster=True)
+    assert actor_secrets(environ | {"RAY_JOB_CONFIG_JSON_ENV_VAR": job}) == {}  # the job's own reaches them
 
 
 def test_log_lines_never_carry_the_token(monkeypatch, caplog):
