@@ -58,6 +58,7 @@ import weakref
 
 import duckdb
 
+from analysis.front import front_udf
 from analysis.quality import (
     NO_CHANGE_KL,
     SIGNIFICANCE,
@@ -185,35 +186,45 @@ DERIVED_VIEWS = {
                    '') as anomaly
         from scored
     """,
+    # A sort and a sweep (analysis.front), not a self-join. First, per weight level of a front
+    # (hash aggregates, no sort), each level's best and fastest points and the best and fastest
+    # of the lighter levels drop the points they dominate; each front's survivors then go to
+    # the sweep as one list, and only the cells on the front are labelled.
     "pareto": f"""
         create or replace view pareto as
         with points as (
-            select model, dataset, primary_metric as metric, cell_id, method, method_params, bits,
-                   group_size, {CONFIG_LABEL.format(t='')} as config, primary_value as score, weight_bytes,
-                   bits_per_weight, tpot_p50_ms as latency_ms, kernel,
-                   coalesce(kernel <> 'dequantized', false) as speed_claim,
-                   case when d.higher_is_better then primary_value else -primary_value end as q,
+            select c.model, c.dataset, c.primary_metric as metric, c.cell_id, c.method, c.method_params,
+                   c.bits, c.group_size, c.primary_value, c.weight_bytes, c.bits_per_weight, c.tpot_p50_ms,
+                   c.kernel, case when d.higher_is_better then primary_value else -primary_value end as q,
                    coalesce(tpot_p50_ms, 'infinity'::double) as lat
             from cells c join metric_directions d on d.metric = c.primary_metric
             where status = 'ok' and isfinite(primary_value) and weight_bytes is not null
         ),
-        -- Cheap first pass: within one (model, dataset, weight size), a cell is dominated when a
-        -- cell at least as good is strictly faster. Exact dominance runs on the survivors.
-        candidates as (
-            select * from points
-            qualify coalesce(min(lat) over (partition by model, dataset, metric, weight_bytes
-                                            order by q desc, lat asc
-                                            rows between unbounded preceding and 1 preceding)
-                             >= lat, true)
+        levels as (
+            select *, max(top_q) over lighter as lighter_top_q, arg_max(top_lat, top_q) over lighter as lighter_top_lat,
+                   min(fast_lat) over lighter as lighter_fast_lat, arg_min(fast_q, fast_lat) over lighter as lighter_fast_q
+            from (select model, dataset, metric, weight_bytes, max(q) as top_q, arg_max(lat, q) as top_lat,
+                         min(lat) as fast_lat, arg_min(q, lat) as fast_q
+                  from points group by all)
+            window lighter as (partition by model, dataset, metric order by weight_bytes
+                               range between unbounded preceding and 1 preceding)
+        ),
+        candidates as materialized (
+            select p.* from points p join levels l using (model, dataset, metric, weight_bytes)
+            where not coalesce((l.top_q >= p.q and l.top_lat <= p.lat and (l.top_q > p.q or l.top_lat < p.lat))
+                               or (l.fast_q >= p.q and l.fast_lat <= p.lat and (l.fast_q > p.q or l.fast_lat < p.lat))
+                               or (l.lighter_top_q >= p.q and l.lighter_top_lat <= p.lat)
+                               or (l.lighter_fast_q >= p.q and l.lighter_fast_lat <= p.lat), false)
+        ),
+        front as (
+            select unnest(list_where(objectives, qsweep_front(objectives))).cell_id as cell_id
+            from (select list({{'q': q, 'w': weight_bytes, 'lat': lat, 'cell_id': cell_id}}) as objectives
+                  from candidates group by model, dataset, metric)
         )
-        select model, dataset, metric, cell_id, method, method_params, bits, group_size, config,
-               score, weight_bytes, bits_per_weight, latency_ms, kernel, speed_claim
-        from candidates p
-        where not exists (
-            select 1 from candidates o
-            where o.model = p.model and o.dataset = p.dataset and o.metric = p.metric
-              and o.q >= p.q and o.weight_bytes <= p.weight_bytes and o.lat <= p.lat
-              and (o.q > p.q or o.weight_bytes < p.weight_bytes or o.lat < p.lat))
+        select model, dataset, metric, cell_id, method, method_params, bits, group_size,
+               {CONFIG_LABEL.format(t='')} as config, primary_value as score, weight_bytes, bits_per_weight,
+               tpot_p50_ms as latency_ms, kernel, coalesce(kernel <> 'dequantized', false) as speed_claim
+        from candidates semi join front using (cell_id)
     """,
     "engine_agreement": f"""
         create or replace view engine_agreement as
@@ -306,6 +317,10 @@ def prepare(con: duckdb.DuckDBPyConnection) -> None:
     con.create_function("qsweep_sign_flip", _sign_flip_row, ["DOUBLE[]"], result, side_effects=False,
                         null_handling="special")
     con.create_function("qsweep_mcnemar", _mcnemar_row, ["BIGINT", "BIGINT"], result, side_effects=False)
+    objectives = duckdb.list_type(duckdb.struct_type({"q": "DOUBLE", "w": "BIGINT", "lat": "DOUBLE",
+                                                          "cell_id": "VARCHAR"}))
+    con.create_function("qsweep_front", front_udf, [objectives], duckdb.list_type("BOOLEAN"), type="arrow",
+                        side_effects=False)
     # A connection holding a Python function must be closed before the interpreter exits.
     ref = weakref.ref(con)
     atexit.register(lambda: (c := ref()) is not None and c.close())
