@@ -45,15 +45,17 @@ METHODS = ("rtn", "gptq", "gsq", "awq")
 GROUPS = (16, 32, 64, 128, -1)
 
 
-def synthetic(rows: int, seed: int = 0) -> pa.Table:
+def synthetic(rows: int, seed: int = 0, models: int = MODELS, datasets: int = DATASETS) -> pa.Table:
+    """``rows`` ok cells (rounded down to whole (model, dataset) groups) over ``models`` x
+    ``datasets``, as one table of the row schema."""
     rng = np.random.default_rng(seed)
-    per_group = rows // (MODELS * DATASETS)
-    n = per_group * MODELS * DATASETS
+    per_group = rows // (models * datasets)
+    n = per_group * models * datasets
     index = np.arange(n)
     group = index // per_group
     position = index % per_group  # 0 = the baseline of its (model, dataset)
-    model = group // DATASETS
-    dataset = group % DATASETS
+    model = group // datasets
+    dataset = group % datasets
     baseline = position == 0
     method = np.where(baseline, "baseline", np.array(METHODS)[position % len(METHODS)])
     bits = np.where(baseline, 0, 2 + (position // len(METHODS)) % 7)
