@@ -58,6 +58,7 @@ import weakref
 
 import duckdb
 
+from analysis.front import front_udf
 from analysis.quality import (
     NO_CHANGE_KL,
     SIGNIFICANCE,
@@ -65,55 +66,97 @@ from analysis.quality import (
     mcnemar_test,
     sign_flip_test,
 )
+from orchestrator.schema import ROW_ORDER_SQL
 
-CONFIG_LABEL = """{t}method || coalesce('(' || nullif(regexp_replace({t}method_params, '[{{}}" ]', '', 'g'), '') || ')', '')
+# method(params without braces, quotes and spaces) w<bits> g<group size>; replace() is several
+# times cheaper than a regular expression over a million rows
+CONFIG_LABEL = """{t}method || coalesce('(' || nullif(replace(replace(replace(replace({t}method_params, '{{', ''),
+       '}}', ''), '"', ''), ' ', ''), '') || ')', '')
        || coalesce(' w' || {t}bits, '') || coalesce(' g' || {t}group_size, '')"""
 
+# The columns of an ok row that baseline_deltas reads, and the model's and dataset's identity:
+# the path, else the name.
+OK_ROWS = """
+            select sweep, cell_id, model, dtype, method, method_params, bits, group_size, task, seed,
+                   write_generation, write_seq, dataset, eval_settings, "limit", finished_at, primary_metric,
+                   weight_bytes, bits_per_weight, kernel, weight_format, calibration_overlap, kl_divergence,
+                   compute_dtype, ttft_ms, tpot_p50_ms, throughput_tok_s, nvml_peak_process_bytes,
+                   cuda_peak_reserved_bytes, peak_rss_bytes, resident_base_bytes, metrics,
+                   case when model_path is null then 'name:' || model else 'path:' || model_path end as model_key,
+                   case when dataset_path is null then 'name:' || dataset else 'path:' || dataset_path end as dataset_key
+            from {source} where {where}"""
+
+# One row per (ok row, quality metric) of OK_ROWS, with what a comparison needs.
+QUALITY = """
+            select o.sweep, o.cell_id, o.model, o.model_key, o.dtype, o.method, o.method_params, o.bits, o.group_size,
+                   o.dataset_key, o.task, o.seed, o.write_generation, o.write_seq,
+                   o.dataset, o.eval_settings, o."limit", o.finished_at, o.m.metric as metric, o.m.value as value,
+                   o.m.stderr as stderr, o.m.metric = o.primary_metric as is_primary, d.higher_is_better,
+                   d.example_metric, d.test, d.scale, o.weight_bytes, o.bits_per_weight, o.kernel, o.weight_format,
+                   o.calibration_overlap, o.kl_divergence, o.compute_dtype,
+                   o.ttft_ms, o.tpot_p50_ms, o.throughput_tok_s,
+                   coalesce(o.nvml_peak_process_bytes, o.cuda_peak_reserved_bytes,
+                            o.peak_rss_bytes - coalesce(o.resident_base_bytes, 0)) as memory_bytes,
+                   case when o.nvml_peak_process_bytes is not null then 'nvml_peak_process_bytes'
+                        when o.cuda_peak_reserved_bytes is not null then 'cuda_peak_reserved_bytes'
+                        when o.peak_rss_bytes is not null and o.resident_base_bytes > 0
+                             then 'peak_rss_bytes - resident_base_bytes'
+                        when o.peak_rss_bytes is not null then 'peak_rss_bytes' end as memory_kind
+            from (select * exclude (metrics), unnest(metrics) as m from {source}) o
+            join metric_directions d on d.metric = o.m.metric"""
+
 DERIVED_VIEWS = {
+    # Each cell meets its baseline by hash joins on the identity (the store's few baselines
+    # ranked beforehand), never by ranking every candidate pair.
     "baseline_deltas": f"""
         create or replace view baseline_deltas as
-        with quality as (
-            select c.sweep, c.cell_id, c.model, c.model_path, c.dtype, c.method, c.method_params, c.bits, c.group_size,
-                   c.dataset_path, c.task, c.seed, c.write_generation, c.write_seq,
-                   {CONFIG_LABEL.format(t='c.')} as config,
-                   c.dataset, c.eval_settings, c."limit", c.finished_at, m.metric, m.value, m.stderr,
-                   m.metric = c.primary_metric as is_primary, d.higher_is_better, d.example_metric,
-                   d.test, d.scale, c.weight_bytes, c.bits_per_weight, c.kernel, c.weight_format,
-                   c.calibration_overlap, c.kl_divergence, c.compute_dtype,
-                   c.ttft_ms, c.tpot_p50_ms, c.throughput_tok_s,
-                   coalesce(c.nvml_peak_process_bytes, c.cuda_peak_reserved_bytes,
-                            c.peak_rss_bytes - coalesce(c.resident_base_bytes, 0)) as memory_bytes,
-                   case when c.nvml_peak_process_bytes is not null then 'nvml_peak_process_bytes'
-                        when c.cuda_peak_reserved_bytes is not null then 'cuda_peak_reserved_bytes'
-                        when c.peak_rss_bytes is not null and c.resident_base_bytes > 0
-                             then 'peak_rss_bytes - resident_base_bytes'
-                        when c.peak_rss_bytes is not null then 'peak_rss_bytes' end as memory_kind
-            from cells c
-            join metrics m on m.cell_id = c.cell_id
-            join metric_directions d on d.metric = m.metric
-            where c.status = 'ok'
+        with ok as ({OK_ROWS.format(source="latest_rows", where="status = 'ok'")}),
+        -- A cell's method is part of its cell_id, so the baselines can be picked out before the
+        -- rows are de-duplicated (and an ok row outranks any other): the same rows, from a
+        -- handful instead of the whole store.
+        ok_baselines as ({OK_ROWS.format(source="raw_rows", where="method = 'baseline' and status = 'ok'")}
+            qualify row_number() over (partition by cell_id order by {ROW_ORDER_SQL}) = 1),
+        quality as ({QUALITY.format(source="ok")}),
+        baseline_quality as ({QUALITY.format(source="ok_baselines")}),
+        -- the baseline of the same model identity (path and dtype, whatever its name), the same
+        -- dataset identity (path, task, settings, limit) and the same seed, from any sweep of the
+        -- store: its own sweep's preferred, then the last written. Names alone pair an 8B
+        -- 'llama' with a 70B one.
+        baselines as (
+            select model_key, dtype, dataset_key, task, metric, eval_settings, "limit", seed, sweep,
+                   {{'cell_id': cell_id, 'value': value, 'stderr': stderr, 'weight_bytes': weight_bytes,
+                     'tpot_p50_ms': tpot_p50_ms, 'memory_bytes': memory_bytes,
+                     'compute_dtype': compute_dtype}} as b,
+                   row_number() over (partition by model_key, dtype, dataset_key, task, metric, eval_settings,
+                                                   "limit", seed
+                                      order by write_generation desc nulls last, write_seq desc nulls last,
+                                               finished_at desc) as rank_any,
+                   row_number() over (partition by model_key, dtype, dataset_key, task, metric, eval_settings,
+                                                   "limit", seed, sweep
+                                      order by write_generation desc nulls last, write_seq desc nulls last,
+                                               finished_at desc) as rank_in_sweep
+            from baseline_quality
         ),
         pairs as (
-            select q.*, b.cell_id as baseline_cell_id, b.value as baseline_value,
+            select q.*, coalesce(s.b, a.b) as b
+            from quality q
+            join baselines a on a.rank_any = 1 and a.model_key = q.model_key and a.dataset_key = q.dataset_key
+                 and a.metric = q.metric and a.dtype is not distinct from q.dtype
+                 and a.task is not distinct from q.task and a.eval_settings is not distinct from q.eval_settings
+                 and a."limit" is not distinct from q."limit" and a.seed is not distinct from q.seed
+            left join baselines s on s.rank_in_sweep = 1 and s.sweep = q.sweep
+                 and s.model_key = q.model_key and s.dataset_key = q.dataset_key
+                 and s.metric = q.metric and s.dtype is not distinct from q.dtype
+                 and s.task is not distinct from q.task and s.eval_settings is not distinct from q.eval_settings
+                 and s."limit" is not distinct from q."limit" and s.seed is not distinct from q.seed
+            where q.method <> 'baseline'
+        ),
+        pairs_flat as (
+            select * exclude (b), b.cell_id as baseline_cell_id, b.value as baseline_value,
                    b.stderr as baseline_stderr, b.weight_bytes as baseline_weight_bytes,
                    b.tpot_p50_ms as baseline_tpot_p50_ms, b.memory_bytes as baseline_memory_bytes,
                    b.compute_dtype as baseline_compute_dtype
-            from quality q
-            -- the baseline of the same model identity (path and dtype, whatever its name), the
-            -- same dataset identity (path, task, settings, limit) and the same seed, from any
-            -- sweep of the store: names alone pair an 8B 'llama' with a 70B one
-            join quality b on b.method = 'baseline' and q.method <> 'baseline'
-                 and b.model_path is not distinct from q.model_path and b.dtype is not distinct from q.dtype
-                 and b.dataset_path is not distinct from q.dataset_path and b.task is not distinct from q.task
-                 and b.metric = q.metric
-                 and b.eval_settings is not distinct from q.eval_settings
-                 and b."limit" is not distinct from q."limit"
-                 and b.seed is not distinct from q.seed
-                 and (b.model_path is not null or b.model = q.model)
-                 and (b.dataset_path is not null or b.dataset = q.dataset)
-            qualify row_number() over (partition by q.cell_id, q.metric
-                                       order by (b.sweep = q.sweep) desc, b.write_generation desc nulls last,
-                                                b.write_seq desc nulls last, b.finished_at desc) = 1
+            from pairs
         ),
         paired as (
             select p.cell_id, p.metric, count(*) as n,
@@ -123,7 +166,7 @@ DERIVED_VIEWS = {
                    count(*) filter (where eq.value > eb.value) as q_higher,
                    count(*) filter (where eq.value < eb.value) as q_lower,
                    list(eq.value - eb.value) as diffs
-            from pairs p
+            from pairs_flat p
             join examples eq on eq.cell_id = p.cell_id and eq.metric = p.example_metric
             join examples eb on eb.cell_id = p.baseline_cell_id and eb.metric = p.example_metric
                  and eb.example_id = eq.example_id
@@ -140,7 +183,7 @@ DERIVED_VIEWS = {
                    case when t.n is null then null
                         when p.test = 'mcnemar' then qsweep_mcnemar(t.q_higher, t.q_lower)
                         when p.test = 'sign-flip' then qsweep_sign_flip(t.diffs) end as paired
-            from pairs p left join paired t on t.cell_id = p.cell_id and t.metric = p.metric
+            from pairs_flat p left join paired t on t.cell_id = p.cell_id and t.metric = p.metric
         ),
         tested_out as (
             select * exclude (paired), paired.test as test_used, paired.p_value as p_value,
@@ -153,7 +196,8 @@ DERIVED_VIEWS = {
                    case when higher_is_better then baseline_value - value else value - baseline_value end as quality_drop
             from tested_out
         )
-        select sweep, cell_id, model, method, method_params, bits, group_size, config, dataset,
+        select sweep, cell_id, model, method, method_params, bits, group_size,
+               {CONFIG_LABEL.format(t='')} as config, dataset,
                metric, is_primary, higher_is_better, baseline_cell_id, baseline_value, value, delta,
                100 * delta / nullif(abs(baseline_value), 0) as relative_delta_pct,
                quality_drop, 100 * quality_drop / nullif(abs(baseline_value), 0) as relative_drop_pct,
@@ -185,35 +229,45 @@ DERIVED_VIEWS = {
                    '') as anomaly
         from scored
     """,
+    # A sort and a sweep (analysis.front), not a self-join. First, per weight level of a front
+    # (hash aggregates, no sort), each level's best and fastest points and the best and fastest
+    # of the lighter levels drop the points they dominate; each front's survivors then go to
+    # the sweep as one list, and only the cells on the front are labelled.
     "pareto": f"""
         create or replace view pareto as
         with points as (
-            select model, dataset, primary_metric as metric, cell_id, method, method_params, bits,
-                   group_size, {CONFIG_LABEL.format(t='')} as config, primary_value as score, weight_bytes,
-                   bits_per_weight, tpot_p50_ms as latency_ms, kernel,
-                   coalesce(kernel <> 'dequantized', false) as speed_claim,
-                   case when d.higher_is_better then primary_value else -primary_value end as q,
+            select c.model, c.dataset, c.primary_metric as metric, c.cell_id, c.method, c.method_params,
+                   c.bits, c.group_size, c.primary_value, c.weight_bytes, c.bits_per_weight, c.tpot_p50_ms,
+                   c.kernel, case when d.higher_is_better then primary_value else -primary_value end as q,
                    coalesce(tpot_p50_ms, 'infinity'::double) as lat
             from cells c join metric_directions d on d.metric = c.primary_metric
             where status = 'ok' and isfinite(primary_value) and weight_bytes is not null
         ),
-        -- Cheap first pass: within one (model, dataset, weight size), a cell is dominated when a
-        -- cell at least as good is strictly faster. Exact dominance runs on the survivors.
-        candidates as (
-            select * from points
-            qualify coalesce(min(lat) over (partition by model, dataset, metric, weight_bytes
-                                            order by q desc, lat asc
-                                            rows between unbounded preceding and 1 preceding)
-                             >= lat, true)
+        levels as (
+            select *, max(top_q) over lighter as lighter_top_q, arg_max(top_lat, top_q) over lighter as lighter_top_lat,
+                   min(fast_lat) over lighter as lighter_fast_lat, arg_min(fast_q, fast_lat) over lighter as lighter_fast_q
+            from (select model, dataset, metric, weight_bytes, max(q) as top_q, arg_max(lat, q) as top_lat,
+                         min(lat) as fast_lat, arg_min(q, lat) as fast_q
+                  from points group by all)
+            window lighter as (partition by model, dataset, metric order by weight_bytes
+                               range between unbounded preceding and 1 preceding)
+        ),
+        candidates as materialized (
+            select p.* from points p join levels l using (model, dataset, metric, weight_bytes)
+            where not coalesce((l.top_q >= p.q and l.top_lat <= p.lat and (l.top_q > p.q or l.top_lat < p.lat))
+                               or (l.fast_q >= p.q and l.fast_lat <= p.lat and (l.fast_q > p.q or l.fast_lat < p.lat))
+                               or (l.lighter_top_q >= p.q and l.lighter_top_lat <= p.lat)
+                               or (l.lighter_fast_q >= p.q and l.lighter_fast_lat <= p.lat), false)
+        ),
+        front as (
+            select unnest(list_where(objectives, qsweep_front(objectives))).cell_id as cell_id
+            from (select list({{'q': q, 'w': weight_bytes, 'lat': lat, 'cell_id': cell_id}}) as objectives
+                  from candidates group by model, dataset, metric)
         )
-        select model, dataset, metric, cell_id, method, method_params, bits, group_size, config,
-               score, weight_bytes, bits_per_weight, latency_ms, kernel, speed_claim
-        from candidates p
-        where not exists (
-            select 1 from candidates o
-            where o.model = p.model and o.dataset = p.dataset and o.metric = p.metric
-              and o.q >= p.q and o.weight_bytes <= p.weight_bytes and o.lat <= p.lat
-              and (o.q > p.q or o.weight_bytes < p.weight_bytes or o.lat < p.lat))
+        select model, dataset, metric, cell_id, method, method_params, bits, group_size,
+               {CONFIG_LABEL.format(t='')} as config, primary_value as score, weight_bytes, bits_per_weight,
+               tpot_p50_ms as latency_ms, kernel, coalesce(kernel <> 'dequantized', false) as speed_claim
+        from candidates semi join front using (cell_id)
     """,
     "engine_agreement": f"""
         create or replace view engine_agreement as
@@ -306,6 +360,10 @@ def prepare(con: duckdb.DuckDBPyConnection) -> None:
     con.create_function("qsweep_sign_flip", _sign_flip_row, ["DOUBLE[]"], result, side_effects=False,
                         null_handling="special")
     con.create_function("qsweep_mcnemar", _mcnemar_row, ["BIGINT", "BIGINT"], result, side_effects=False)
+    objectives = duckdb.list_type(duckdb.struct_type({"q": "DOUBLE", "w": "BIGINT", "lat": "DOUBLE",
+                                                          "cell_id": "VARCHAR"}))
+    con.create_function("qsweep_front", front_udf, [objectives], duckdb.list_type("BOOLEAN"), type="arrow",
+                        side_effects=False)
     # A connection holding a Python function must be closed before the interpreter exits.
     ref = weakref.ref(con)
     atexit.register(lambda: (c := ref()) is not None and c.close())

@@ -3,7 +3,12 @@
 Sections: Table 1, quality vs effective bits per weight, recovery heatmaps (group size x bits),
 Pareto fronts, latency and memory per config, anomalies (flagged, never shown as wins), failed
 and skipped cells. A small inline script checks that every image decoded and says so at the
-top of the page (``data-images`` on ``<body>``: "loaded/total").
+top of the page (``data-images`` on ``<body>``: "loaded/total"; ``data-load-ms``: how long the
+page took to load).
+
+A large store stays readable: figures facet by model and dataset with at most
+``plots.MAX_PANELS`` panels and ``plots.TOP_K`` series per panel, tables show at most
+``MAX_TABLE_ROWS`` rows, and each says what it leaves out and which query gives the rest.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ CELL_COLUMNS = ("cell_id", "model", "dtype", "method", "method_params", "bits", 
                 "primary_value", "weight_bytes", "bits_per_weight", "kernel", "tpot_p50_ms",
                 "peak_rss_bytes", "cuda_peak_reserved_bytes", "nvml_peak_process_bytes")
 
+MAX_TABLE_ROWS = 100
+
 CHECK_IMAGES = """<script>
 window.addEventListener("load", () => {
   const images = [...document.images];
   const loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
   document.body.dataset.images = loaded + "/" + images.length;
+  document.body.dataset.loadMs = Math.round(performance.now());  // navigation start to load
   if (loaded < images.length) {
     const note = document.createElement("p");
     note.className = "warn";
@@ -101,31 +109,35 @@ def write_report(results: str, out: str | Path) -> Path:
         "<h2>Table 1: baseline vs best quantized</h2>",
         ("<p class='note'>Best = best primary score among quantized cells with no anomaly; memory "
         "change = weight bytes vs the baseline's.</p>"),
-        _table(table1),
+        _table(table1, "table1"),
         "<h2>Anomalies</h2>",
         ("<p class='note'>Flagged, not wins: better than the baseline beyond the paired test's "
         "uncertainty (p &lt; 0.05), a non-finite metric, or weights larger than the baseline's.</p>"),
-        _table(anomalies) if anomalies else "<p>None.</p>",
+        _table(anomalies, "anomalies") if anomalies else "<p>None.</p>",
     ]
-    for title, name, path, caption in figures:
-        data = base64.b64encode(Path(path).read_bytes()).decode()
+    for title, name, figure, caption in figures:
+        data = base64.b64encode(Path(figure.path).read_bytes()).decode()
+        caption = " ".join(filter(None, [caption, figure.omitted]))
         parts += [f"<h2>{html.escape(title)}</h2>", f"<p class='note'>{html.escape(caption)}</p>",
                   (f"<img src='data:image/png;base64,{data}' alt='{html.escape(title)}' "
                   f"data-file='{name}'>")]
-    parts += ["<h2>Failed and skipped cells</h2>", _table(failures) if failures else "<p>None.</p>",
+    parts += ["<h2>Failed and skipped cells</h2>", _table(failures, "failures") if failures else "<p>None.</p>",
               CHECK_IMAGES, "</body></html>"]
     page = out / "report.html"
     page.write_text("\n".join(parts))
     return page
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
+def _table(rows: list[dict[str, Any]], query: str) -> str:
+    """At most MAX_TABLE_ROWS rows; beyond, a note naming the ``qsweep query`` that has them all."""
     if not rows:
         return "<p>No rows.</p>"
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>"
-                   for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+                   for r in rows[:MAX_TABLE_ROWS])
+    more = (f"<p class='note'>The first {MAX_TABLE_ROWS} of {len(rows)} rows; all of them: "
+            f"<code>qsweep query --results RESULTS {query}</code>.</p>" if len(rows) > MAX_TABLE_ROWS else "")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
 
 
 def _fmt(value: Any) -> str:

@@ -60,9 +60,14 @@ def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection
     con = duckdb.connect(config={"autoinstall_known_extensions": False,
                                  "autoload_known_extensions": False})
     con.register("raw_rows", Store(results).dataset(sweep))
+    # One row per cell_id. Only cells written more than once need ranking: a window over every
+    # row would carry each row's every column through a sort, so a cell written once passes.
     con.execute(f"""
         create or replace view latest_rows as
-        select * from raw_rows
+        with repeated as (select cell_id from raw_rows group by cell_id having count(*) > 1)
+        select r.* from raw_rows r anti join repeated d on r.cell_id is not distinct from d.cell_id
+        union all
+        select * from (select r.* from raw_rows r semi join repeated d on r.cell_id is not distinct from d.cell_id)
         qualify row_number() over (partition by cell_id order by {ROW_ORDER_SQL}) = 1
     """)
     prepare(con)

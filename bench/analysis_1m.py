@@ -1,24 +1,30 @@
-"""Speed of the analysis views on a large synthetic store; prints figures, asserts nothing.
+"""Speed of the analysis views against a full scan, at growing store sizes; prints figures,
+asserts nothing.
 
-    python bench/analysis_1m.py [--rows 1000000] [--dir /tmp/qsweep-bench] [--keep]
+    python bench/analysis_1m.py [--rows 10000,100000,1000000] [--repeats 3] [--dir /tmp/qsweep-bench] [--keep]
 
-Writes a compacted store (``<dir>/bench/compacted/part-*.parquet``, 250k rows a file, the
+For each size, writes a compacted store (``<dir>/bench/compacted/part-*.parquet``, 250k rows a file, the
 layout ``qsweep compact`` leaves) of ``rows`` ok cells: 100 models x 10 datasets, each
 (model, dataset) with its baseline and quantized configs over methods, bits 2-8, group sizes
 and seeds. Weight bytes follow from (model, bits, group size); quality falls with fewer bits
 plus noise; latency is noisy. Every row has one metric (so baseline_deltas and table1 have
-work to do) and no per-example records (no paired tests). Then times, on a fresh connection
-each: connecting, counting cells, the Pareto front, table1 and a recommend-style filter.
+work to do) and no per-example records (no paired tests). Then times, on one connection per
+store: the full scan ``select count(*), avg(primary_value) from cells`` and each named query
+(pareto, deltas, table1; qsweep query's SQL) and recommend's search, and prints each one's
+time and its ratio to the scan of the same store in the same run (wall clock, and this
+process's CPU time, which a busy shared machine disturbs less).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,23 +33,29 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from analysis.named import NAMED_QUERIES
+from analysis.recommend import Budget, recommend
 from analysis.views import connect
 from orchestrator.schema import METRIC, SCHEMA
+
+SCAN = "select count(*), avg(primary_value) from cells"
 
 MODELS, DATASETS = 100, 10
 METHODS = ("rtn", "gptq", "gsq", "awq")
 GROUPS = (16, 32, 64, 128, -1)
 
 
-def synthetic(rows: int, seed: int = 0) -> pa.Table:
+def synthetic(rows: int, seed: int = 0, models: int = MODELS, datasets: int = DATASETS) -> pa.Table:
+    """``rows`` ok cells (rounded down to whole (model, dataset) groups) over ``models`` x
+    ``datasets``, as one table of the row schema."""
     rng = np.random.default_rng(seed)
-    per_group = rows // (MODELS * DATASETS)
-    n = per_group * MODELS * DATASETS
+    per_group = rows // (models * datasets)
+    n = per_group * models * datasets
     index = np.arange(n)
     group = index // per_group
     position = index % per_group  # 0 = the baseline of its (model, dataset)
-    model = group // DATASETS
-    dataset = group % DATASETS
+    model = group // datasets
+    dataset = group % datasets
     baseline = position == 0
     method = np.where(baseline, "baseline", np.array(METHODS)[position % len(METHODS)])
     bits = np.where(baseline, 0, 2 + (position // len(METHODS)) % 7)
@@ -87,43 +99,97 @@ def synthetic(rows: int, seed: int = 0) -> pa.Table:
     return pa.table([columns.get(f.name, pa.nulls(n, f.type)) for f in SCHEMA], schema=SCHEMA)
 
 
-def timed(label: str, results: str, sql: str) -> None:
+def write_store(root: Path, rows: int) -> tuple[str, str]:
+    """The compacted store of ``rows`` synthetic cells under ``root``; returns (results, summary)."""
+    parts = root / "bench" / "compacted"
+    parts.mkdir(parents=True)
     start = time.perf_counter()
+    table = synthetic(rows)
+    for i, offset in enumerate(range(0, table.num_rows, 250_000)):
+        pq.write_table(table.slice(offset, 250_000), parts / f"part-{i:04d}.parquet")
+    size = sum(f.stat().st_size for f in parts.iterdir())
+    return str(root), (f"{table.num_rows:,} rows, {len(list(parts.iterdir()))} files, {size / 1e6:.1f} MB, "
+                       f"written in {time.perf_counter() - start:.1f} s")
+
+
+def queries(con) -> dict[str, Callable[[], int]]:
+    """Each measured query: run it to the end and return its row count. SQL results come back
+    as Arrow (what `qsweep query --format parquet` does), not as Python tuples, so that a
+    query returning a million rows is timed as a query, not as a million tuple allocations."""
+    def sql(text: str) -> Callable[[], int]:
+        return lambda: con.sql(text).to_arrow_table().num_rows
+
+    def search() -> int:
+        answer = recommend(con, "dataset-2", Budget(max_drop=0.02, max_weight_bytes=300_000_000))
+        return len(answer.picks)
+
+    return {
+        "scan": sql(SCAN),
+        "pareto": sql(NAMED_QUERIES["pareto"][1]),
+        "pareto (one front)": sql("select * from pareto where model = 'model-007' and dataset = 'dataset-3'"),
+        "deltas": sql(NAMED_QUERIES["deltas"][1]),
+        "table1": sql(NAMED_QUERIES["table1"][1]),
+        "recommend": search,
+    }
+
+
+def measure(results: str, repeats: int) -> list[tuple[str, float, float, int]]:
+    """(query, best wall seconds, best CPU seconds of this process, rows) per query, the scan
+    first; each query runs ``repeats`` times, interleaved with the others."""
     con = connect(results)
-    connected = time.perf_counter()
-    rows = con.execute(sql).fetchall()
-    done = time.perf_counter()
-    print(f"{label:<34} {done - connected:7.2f} s  (connect {connected - start:.2f} s)  -> {len(rows):,} rows")
+    runs = queries(con)
+    best: dict[str, tuple[float, float, int]] = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            rows = run()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            old = best.get(name, (math.inf, math.inf, rows))
+            best[name] = (min(old[0], wall), min(old[1], cpu), rows)
+    con.close()
+    return [(name, *best[name]) for name in runs]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", default="10000,100000,1000000",
+                        help="comma-separated store sizes, each measured in this run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each query; the best counts")
     parser.add_argument("--dir", default="/tmp/qsweep-bench")
-    parser.add_argument("--keep", action="store_true", help="keep the store afterwards")
+    parser.add_argument("--keep", action="store_true", help="keep the stores afterwards")
     args = parser.parse_args()
+    sizes = [int(n.replace("_", "")) for n in args.rows.split(",")]
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
-    parts = root / "bench" / "compacted"
-    parts.mkdir(parents=True)
-    start = time.perf_counter()
-    table = synthetic(args.rows)
-    for i, offset in enumerate(range(0, table.num_rows, 250_000)):
-        pq.write_table(table.slice(offset, 250_000), parts / f"part-{i:04d}.parquet")
-    size = sum(f.stat().st_size for f in parts.iterdir())
-    print(f"store: {table.num_rows:,} rows, {len(list(parts.iterdir()))} files, {size / 1e6:.1f} MB, "
-          f"written in {time.perf_counter() - start:.1f} s; {os.cpu_count()} CPUs")
-    results = str(root)
-    timed("select count(*) from cells", results, "select count(*) from cells")
-    timed("pareto (every front)", results, "select * from pareto")
-    timed("pareto (one model, one dataset)", results,
-          "select * from pareto where model = 'model-007' and dataset = 'dataset-3'")
-    timed("table1", results, "select * from table1")
-    timed("recommend-style filter", results,
-          "select config, value, weight_bytes from baseline_deltas where dataset = 'dataset-2' "
-          "and quality_drop <= 0.02 and weight_bytes <= 3e8 order by weight_bytes limit 5")
+    print(f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; best of {args.repeats}; "
+          f"ratio = query / the full scan ({SCAN}) of the same store in the same run")
+    table: dict[str, dict[int, tuple[float, float, int]]] = {}
+    for rows in sizes:
+        start = time.perf_counter()
+        results, summary = write_store(root / str(rows), rows)
+        connected = time.perf_counter()
+        connect(results).close()
+        print(f"store {summary}; connect {time.perf_counter() - connected:.2f} s")
+        for name, wall, cpu, count in measure(results, args.repeats):
+            table.setdefault(name, {})[rows] = (wall, cpu, count)
+        if not args.keep:
+            shutil.rmtree(root / str(rows))
+        del start
+    header = "".join(f"{f'{n:,} rows':>34}" for n in sizes)
+    print(f"\n{'query':<20}{header}")
+    print(f"{'':<20}" + "".join(f"{'wall s (x scan)  cpu s (x scan)':>34}" for _ in sizes))
+    for name, by_size in table.items():
+        cells = []
+        for rows in sizes:
+            wall, cpu, _ = by_size[rows]
+            scan_wall, scan_cpu, _ = table["scan"][rows]
+            cells.append(f"{wall:8.3f} ({wall / scan_wall:5.2f}x) {cpu:7.3f} ({cpu / scan_cpu:5.2f}x)")
+        print(f"{name:<20}" + "".join(f"{c:>34}" for c in cells))
+    print(f"{'rows returned':<20}" + "".join(f"{'':>34}" for _ in sizes))
+    for name, by_size in table.items():
+        print(f"  {name:<18}" + "".join(f"{by_size[n][2]:>34,}" for n in sizes))
     if not args.keep:
-        shutil.rmtree(root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

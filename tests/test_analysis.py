@@ -144,6 +144,75 @@ def test_pareto_matches_brute_force(tmp_path):
     assert len(got) >= 2
 
 
+def _dominated_brute(points):
+    """Points as (q, w, lat) tuples, all three to be minimised: the indices no other beats."""
+    return {i for i, p in enumerate(points)
+            if not any(all(a <= b for a, b in zip(o, p)) and o != p for o in points)}
+
+
+@pytest.mark.parametrize("sweep_by_level", [False, True])
+def test_front_mask_equals_brute_force_with_ties(monkeypatch, sweep_by_level):
+    import numpy as np
+
+    from analysis import front
+    if sweep_by_level:  # the level-by-level sweep a group with many distinct weights takes
+        monkeypatch.setattr(front, "MATRIX_LIMIT", 0)
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(1, 40))
+        groups = rng.integers(0, 3, n)
+        q = rng.integers(0, 4, n).astype(float)
+        w = rng.integers(0, 4, n) * 100
+        lat = rng.choice([1.0, 2.0, 3.0, math.inf], n)
+        got = front.front_mask_grouped(groups, q, w, lat)
+        for g in set(groups.tolist()):
+            idx = [i for i in range(n) if groups[i] == g]
+            keep = _dominated_brute([(-q[i], w[i], lat[i]) for i in idx])
+            assert {idx[k] for k in keep} == {i for i in idx if got[i]}
+
+
+def test_pareto_equals_brute_force_on_a_random_store_with_ties(tmp_path):
+    """Two models, two datasets of each direction, values, sizes and latencies drawn from a few
+    levels (ties on every objective, exact duplicates, cells without latency), NaN, failed
+    cells and cells without a size: the view equals the non-dominated cells per front."""
+    rng = random.Random(22)
+    rows = []
+    for i in range(400):
+        model, dataset = f"m{i % 2}", ["acc0", "acc1", "ppl0", "ppl1"][i // 2 % 4]
+        kw = dict(model=model, dataset=dataset, weight_bytes=rng.choice([100, 200, 300]),
+                  tpot=rng.choice([None, 10.0, 20.0, 30.0]), bits=rng.choice([2, 3, 4]))
+        if dataset.startswith("acc"):
+            row = cell(f"c{i}", correct=[1, 0], value=rng.choice([0.5, 0.6, 0.7]), **kw)
+        else:
+            row = cell(f"c{i}", nll=[1.0], value=rng.choice([5.0, 6.0, 7.0]), **kw)
+        if i % 37 == 0:
+            row = cell(f"c{i}", status="failed", **kw)
+        elif i % 41 == 0:
+            row = {**row, "primary_value": float("nan")}
+        elif i % 43 == 0:
+            row = {**row, "weight_bytes": None}
+        rows.append(row)
+    Store(tmp_path).write_rows(rows)
+    got = {r[0] for r in connect(str(tmp_path)).execute("select cell_id from pareto").fetchall()}
+
+    fronts = {}
+    for r in rows:
+        if r["status"] == "ok" and math.isfinite(r["primary_value"]) and r["weight_bytes"] is not None:
+            fronts.setdefault((r["model"], r["dataset"], r["primary_metric"]), []).append(r)
+    expected = set()
+    for (_, _, metric), members in fronts.items():
+        sign = -1 if metric == "acc" else 1  # minimise sign * value
+        points = [(sign * r["primary_value"], r["weight_bytes"],
+                   math.inf if r["tpot_p50_ms"] is None else r["tpot_p50_ms"]) for r in members]
+        expected |= {members[k]["cell_id"] for k in _dominated_brute(points)}
+    assert got == expected
+    assert len(fronts) == 8 and len(expected) >= 16
+    # ties: some front has two identical points, both kept
+    identical = [(r["model"], r["dataset"], r["primary_value"], r["weight_bytes"], r["tpot_p50_ms"])
+                 for r in rows if r["cell_id"] in expected]
+    assert len(identical) > len(set(identical))
+
+
 def test_table1_best_excludes_anomalies(store):
     rows = connect(store).execute(
         "select dataset, metric, baseline_score, best_quantized_score, best_method, memory_change_pct, "
