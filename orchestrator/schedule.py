@@ -218,10 +218,11 @@ def plan(units: Sequence[Group], costs: Costs, actors: int, busy: Sequence[float
     """The queue for ``actors`` (``busy``: expected seconds until the busy ones are free).
 
     Units of one group are merged first, then split (``split``) at makespan targets from the
-    lower bound and from the mean load per actor up; each candidate is simulated longest first
-    (``makespan``). Of the candidates within 0.5 % of the least makespan, the one with the least
-    sum of squared unit costs is kept: shorter units leave less to chance when the expected
-    costs are off, at the price of a repeated setup per extra part.
+    lower bound and from the mean load per actor up. Each candidate is simulated longest first
+    (``makespan``) and scored by its makespan plus its extra work (the repeated setups) spread
+    over the actors: a split must save more wall time than its re-quantizing would take on the
+    whole cluster. Of the candidates within 0.5 % of the best score, the one with the least sum
+    of squared unit costs is kept: shorter units leave less to chance when expected costs are off.
     """
     units = merge(units)
     whole = longest_first(units, costs)
@@ -234,9 +235,10 @@ def plan(units: Sequence[Group], costs: Costs, actors: int, busy: Sequence[float
         for factor in SPLIT_TARGETS:
             candidates.append(longest_first((part for u in units for part in split(u, costs, base * factor)),
                                             costs))
-    ends = [makespan(c, costs, actors, busy) for c in candidates]
-    least = min(ends)
-    near = [c for c, end in zip(candidates, ends) if end <= least * (1 + MAKESPAN_TOLERANCE)]
+    scores = [makespan(c, costs, actors, busy) + (sum(costs.of(u) for u in c) - work) / actors
+              for c in candidates]
+    best = min(scores)
+    near = [c for c, score in zip(candidates, scores) if score <= best * (1 + MAKESPAN_TOLERANCE)]
     return min(near, key=lambda c: (sum(costs.of(u) ** 2 for u in c), len(c)))
 
 
