@@ -45,9 +45,6 @@ FORWARDED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_CACHE", "HF_DATASETS_CACHE",
 # keeps its own (node-local scratch, its own cache).
 MACHINE_ENV = ("HF_HOME", "QSWEEP_CACHE", "QSWEEP_SCRATCH")
 DONE_STATUSES = ("ok",)
-# Store columns the scheduler reads to expect a group's cost (``orchestrator.schedule.estimate``)
-TIMING_COLUMNS = ["model_path", "method", "group_id", "dataset_path", "limit", "time_load_s",
-                  "time_quantize_s", "time_evaluate_s", "time_profile_s", "artifact_cache_hit"]
 GROW_EVERY_S = 10.0  # how often a driver with queued groups looks for GPU slots that appeared
 
 
@@ -300,10 +297,10 @@ class SweepRun:
             import pyarrow.compute as pc
 
             models = sorted({g.head.model.path for g in groups})
-            table = self.store.read(None, columns=TIMING_COLUMNS)
+            table = self.store.read(None, columns=schedule.TIMING_COLUMNS)
             table = table.filter(pc.and_(pc.equal(table["status"], "ok"),
                                          pc.is_in(table["model_path"], value_set=pa.array(models, pa.string()))))
-            history = table.select(TIMING_COLUMNS).to_pylist()
+            history = table.select(schedule.TIMING_COLUMNS).to_pylist()
         costs = schedule.estimate(groups, params, history)
         cached = cached_groups(os.environ.get("QSWEEP_ARTIFACT_CACHE"))
         return schedule.with_cached(costs, groups, cached, params) if cached else costs

@@ -22,6 +22,7 @@ exactly one unit, so splitting never loses or doubles a row.
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import statistics
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,10 @@ from typing import Any
 from orchestrator.cells import Cell, Group
 from tasks.quantize.registry import get_method
 
+# Store columns ``estimate`` reads from the rows of earlier groups
+TIMING_COLUMNS = ["model_path", "method", "method_params", "group_id", "dataset_path", "limit",
+                  "eval_settings", "time_load_s", "time_quantize_s", "time_evaluate_s",
+                  "time_profile_s", "artifact_cache_hit"]
 DEFAULT_LIMIT = 1000  # samples assumed for a dataset without a limit
 # Priors in seconds per billion parameters on an A100-class GPU; only their ratios matter once
 # the store holds timings (``estimate`` rescales them).
@@ -59,19 +64,21 @@ class Costs:
 
 # --- expected costs ----------------------------------------------------------------------------
 
-def _quantize_kind(cell: Cell) -> str:
-    info = get_method(cell.method)
+def _quantize_kind(method: str, params: dict[str, Any]) -> str:
+    info = get_method(method)
     if not info.in_place:
         return "none"  # the baseline: the model as loaded
-    return "calibrated" if info.calibrated(cell.params) else "plain"
+    return "calibrated" if info.calibrated(params) else "plain"
 
 
-def prior_setup(cell: Cell, params_b: float) -> float:
-    return params_b * (LOAD_S_PER_B + QUANTIZE_S_PER_B[_quantize_kind(cell)])
+def prior_setup(method: str, params: dict[str, Any], params_b: float) -> float:
+    """Expected load + calibrate + quantize seconds, before any timing is known."""
+    return params_b * (LOAD_S_PER_B + QUANTIZE_S_PER_B[_quantize_kind(method, params)])
 
 
-def prior_cell(cell: Cell, params_b: float) -> float:
-    return params_b * EVALUATE_S_PER_B_SAMPLE * (cell.dataset.limit or DEFAULT_LIMIT)
+def prior_cell(limit: int | None, params_b: float) -> float:
+    """Expected evaluate + profile seconds of one cell, before any timing is known."""
+    return params_b * EVALUATE_S_PER_B_SAMPLE * (limit or DEFAULT_LIMIT)
 
 
 def _median(values: Iterable[float]) -> float | None:
@@ -79,47 +86,49 @@ def _median(values: Iterable[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _dataset_key(cell: Cell) -> tuple:
+    """A cell's dataset as the store's rows name it (``identity_columns``)."""
+    d = cell.dataset
+    return d.path, d.limit, json.dumps(d.settings, sort_keys=True)
+
+
 def estimate(groups: Sequence[Group], params: dict[str, int | None],
              history: Sequence[dict[str, Any]] = ()) -> Costs:
     """Expected costs of ``groups``.
 
     ``params``: model path -> parameter count (None when unknown: 1B is assumed).
-    ``history``: ok rows of the store with ``model_path, method, group_id, dataset_path, limit,
-    time_load_s, time_quantize_s, time_evaluate_s, time_profile_s, artifact_cache_hit``. A
-    group's setup is the median load + quantize of the store's groups of the same model and
-    method; a cell's cost the median evaluate + profile of the store's cells of the same model
-    and dataset (path and limit). Without such rows, the prior times the median ratio of
-    observed to prior over the rows there are (1 without rows).
+    ``history``: ok rows of the store (any sweep) with ``TIMING_COLUMNS``. A group's setup is
+    the median load + quantize of the store's groups of the same model and method (cache hits
+    left out); a cell's cost the median evaluate + profile of the store's cells of the same
+    model, method and dataset (path, limit, settings), else of the same model and dataset.
+    Without such rows, the prior (``prior_setup``, ``prior_cell``) times the median ratio of
+    observed to prior over the rows there are of these models (1 without rows).
     """
+    def size(model_path: str) -> float:
+        return (params.get(model_path) or 1e9) / 1e9
+
     setups: dict[tuple, list[float]] = {}
     evals: dict[tuple, list[float]] = {}
-    seen_groups = set()
+    setup_ratio, eval_ratio, seen_groups = [], [], set()
     for row in history:
-        load, quant = row.get("time_load_s"), row.get("time_quantize_s")
+        model, load, quant = row["model_path"], row.get("time_load_s"), row.get("time_quantize_s")
         if row["group_id"] not in seen_groups and load is not None and quant is not None \
                 and not row.get("artifact_cache_hit"):
             seen_groups.add(row["group_id"])
-            setups.setdefault((row["model_path"], row["method"]), []).append(load + quant)
-        evaluate, profile = row.get("time_evaluate_s"), row.get("time_profile_s")
+            setups.setdefault((model, row["method"]), []).append(load + quant)
+            prior = prior_setup(row["method"], json.loads(row.get("method_params") or "{}"), size(model))
+            if prior > 0:
+                setup_ratio.append((load + quant) / prior)
+        evaluate = row.get("time_evaluate_s")
         if evaluate is not None:
-            evals.setdefault((row["model_path"], row["dataset_path"], row.get("limit")), []).append(
-                evaluate + (profile or 0.0))
+            seconds = evaluate + (row.get("time_profile_s") or 0.0)
+            dataset = (row["dataset_path"], row.get("limit"), row.get("eval_settings") or "{}")
+            evals.setdefault((model, row["method"], *dataset), []).append(seconds)
+            evals.setdefault((model, *dataset), []).append(seconds)
+            eval_ratio.append(seconds / prior_cell(row.get("limit"), size(model)))
     setup_seen = {key: _median(v) for key, v in setups.items()}
     eval_seen = {key: _median(v) for key, v in evals.items()}
-
-    def size(cell: Cell) -> float:
-        return (params.get(cell.model.path) or 1e9) / 1e9
-
-    # how far the priors are off on this store's hardware, from every key with timings
-    setup_ratio, eval_ratio = [], []
-    for group in groups:
-        for cell in group.cells:
-            key = (cell.model.path, cell.method)
-            if setup_seen.get(key) is not None and prior_setup(cell, size(cell)) > 0:
-                setup_ratio.append(setup_seen[key] / prior_setup(cell, size(cell)))
-            key = (cell.model.path, cell.dataset.path, cell.dataset.limit)
-            if eval_seen.get(key) is not None:
-                eval_ratio.append(eval_seen[key] / prior_cell(cell, size(cell)))
+    # how far the priors are off on this store's hardware
     setup_scale = _median(setup_ratio) or _median(eval_ratio) or 1.0
     eval_scale = _median(eval_ratio) or setup_scale
 
@@ -127,25 +136,30 @@ def estimate(groups: Sequence[Group], params: dict[str, int | None],
     for group in groups:
         head = group.head
         seen = setup_seen.get((head.model.path, head.method))
-        setup[group.group_id] = seen if seen is not None else setup_scale * prior_setup(head, size(head))
+        setup[group.group_id] = seen if seen is not None else \
+            setup_scale * prior_setup(head.method, head.params, size(head.model.path))
         for cell in group.cells:
-            seen = eval_seen.get((cell.model.path, cell.dataset.path, cell.dataset.limit))
-            cell_cost[cell.cell_id] = seen if seen is not None else eval_scale * prior_cell(cell, size(cell))
+            dataset = _dataset_key(cell)
+            seen = eval_seen.get((cell.model.path, cell.method, *dataset))
+            if seen is None:
+                seen = eval_seen.get((cell.model.path, *dataset))
+            cell_cost[cell.cell_id] = seen if seen is not None else \
+                eval_scale * prior_cell(cell.dataset.limit, size(cell.model.path))
     return Costs(setup=setup, cell=cell_cost)
 
 
 def with_cached(costs: Costs, groups: Sequence[Group], cached: set[str],
                 params: dict[str, int | None]) -> Costs:
     """Costs where the quantized model of the ``cached`` groups is in the artifact cache: a
-    unit of such a group pays the load alone (the prior's, scaled like its setup)."""
+    unit of such a group pays the load alone (its share of the prior setup, scaled alike)."""
     setup = dict(costs.setup)
     for group in groups:
         if group.group_id in cached:
             head = group.head
-            b = (params.get(head.model.path) or 1e9) / 1e9
-            prior = prior_setup(head, b)
-            load = LOAD_S_PER_B * b
-            setup[group.group_id] = costs.setup[group.group_id] * (load / prior if prior else 1.0)
+            size = (params.get(head.model.path) or 1e9) / 1e9
+            prior = prior_setup(head.method, head.params, size)
+            if prior > 0:
+                setup[group.group_id] = costs.setup[group.group_id] * LOAD_S_PER_B * size / prior
     return Costs(setup=setup, cell=costs.cell)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -54,7 +55,8 @@ def test_store_timings_win_and_rescale_the_priors_of_the_rest():
     g = by_key(groups)
     observed = g["small", "rtn", 64]
     history = [{"model_path": "/models/small", "method": "rtn", "group_id": "old-group",
-                "dataset_path": c.dataset.path, "limit": c.dataset.limit, "time_load_s": 6.0,
+                "dataset_path": c.dataset.path, "limit": c.dataset.limit,
+                "eval_settings": json.dumps(c.dataset.settings, sort_keys=True), "time_load_s": 6.0,
                 "time_quantize_s": 4.0, "time_evaluate_s": 30.0, "time_profile_s": 2.0,
                 "artifact_cache_hit": False} for c in observed.cells]
     prior = schedule.estimate(groups, PARAMS)
@@ -181,3 +183,40 @@ def test_random_plans_keep_every_cell_once_and_beat_no_bound(seed):
     while queue:
         handed.append(schedule.dispatch(queue, costs, idle=rng.randint(1, actors), busy=busy))
     assert cells_of(handed) == cells_of(groups)
+
+
+def test_an_evaluation_timed_with_the_same_method_wins_over_the_models_other_methods():
+    groups = groups_of(SPEC)
+    g = by_key(groups)
+    cell = g["small", "gptq", 64].cells[0]
+    row = {"model_path": "/models/small", "group_id": "x", "dataset_path": cell.dataset.path,
+           "limit": cell.dataset.limit, "eval_settings": json.dumps(cell.dataset.settings, sort_keys=True),
+           "time_load_s": None, "time_quantize_s": None, "time_profile_s": 0.0}
+    history = [{**row, "method": "gptq", "time_evaluate_s": 90.0},  # packed kernels: slower
+               {**row, "method": "rtn", "time_evaluate_s": 30.0}]
+    costs = schedule.estimate(groups, PARAMS, history)
+    assert costs.cell[cell.cell_id] == 90.0
+    assert costs.cell[g["small", "rtn", 64].cells[0].cell_id] == 30.0
+    assert costs.cell[g["small", "baseline", None].cells[0].cell_id] == 60.0  # the model's median
+
+
+def test_the_driver_expects_costs_from_the_stores_rows_of_any_sweep(tmp_path):
+    from orchestrator.cells import identity_columns
+    from orchestrator.driver import Plan, SweepRun
+    from orchestrator.store import Store
+
+    spec = parse_spec(SPEC)
+    groups = group_cells(expand(spec))
+    done = by_key(groups)["small", "rtn", 64]
+    store = Store(tmp_path)
+    rows = [{**identity_columns(c), "sweep": "earlier", "status": "ok", "attempts": 1,
+             "time_load_s": 2.0, "time_quantize_s": 3.0, "time_evaluate_s": 7.0, "time_profile_s": 1.0,
+             "run_id": "r", "write_generation": 1, "write_seq": i} for i, c in enumerate(done.cells)]
+    rows.append({**rows[0], "cell_id": "f" * 24, "group_id": "g" * 24, "status": "failed",
+                 "time_load_s": 1000.0, "write_seq": 9})
+    store.write_rows(rows)
+    sweep = SweepRun(spec, store, lease=None, progress=False)
+    sweep.plan = Plan(cells=[], done=set(), skipped={}, notes={}, facts={})
+    costs = sweep.expected_costs(groups)
+    assert costs.setup[by_key(groups)["small", "rtn", 128].group_id] == 5.0  # failed rows left out
+    assert costs.cell[by_key(groups)["small", "gptq", 64].cells[0].cell_id] == 8.0
