@@ -296,10 +296,10 @@ class SweepRun:
             import pyarrow as pa
             import pyarrow.compute as pc
 
-            models = sorted({g.head.model.path for g in groups})
+            models = pa.array(sorted({g.head.model.path for g in groups}), pa.string())
             table = self.store.read(None, columns=schedule.TIMING_COLUMNS)
             table = table.filter(pc.and_(pc.equal(table["status"], "ok"),
-                                         pc.is_in(table["model_path"], value_set=pa.array(models, pa.string()))))
+                                         pc.is_in(table["model_path"], value_set=models)))
             history = table.select(schedule.TIMING_COLUMNS).to_pylist()
         costs = schedule.estimate(groups, params, history)
         cached = cached_groups(os.environ.get("QSWEEP_ARTIFACT_CACHE"))
