@@ -9,9 +9,9 @@ store's timings and passes them in), so the same code runs in the driver, in
   groups in the store win; otherwise a prior from the model's size, the method's capabilities
   and the dataset's sample limit, scaled by what the store says about the priors.
 - ``plan`` orders the work longest first and splits a group's cells over several units when
-  that shortens the expected makespan: each part pays the setup again (cheap for the baseline
-  or RTN; free but the load when the quantized model is in the artifact cache), so a group is
-  split only when the simulated makespan says it is worth it.
+  that shortens the expected makespan by more than the repeated work costs: each part pays the
+  setup again (cheap for the baseline or RTN; the load alone when the quantized model is in the
+  artifact cache, ``with_cached``), so a costly GPTQ run is repeated only to end much sooner.
 - ``dispatch`` hands an idle actor its next unit, preferring the model it already holds among
   units about as long as the longest, and re-plans the queue when actors outnumber it.
 
@@ -43,8 +43,9 @@ LOAD_S_PER_B = 3.0
 QUANTIZE_S_PER_B = {"none": 0.0, "plain": 1.0, "calibrated": 50.0}
 EVALUATE_S_PER_B_SAMPLE = 0.005
 AFFINITY = 0.9  # an actor takes a unit of its held model if it is this long as the longest queued
-MAKESPAN_TOLERANCE = 0.005
-SPLIT_TARGETS = (1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 2.0, 3.0)  # makespan targets / lower bound
+MAKESPAN_TOLERANCE = 0.005  # plans scoring this close to the best count as equal
+# split targets: the lower bound and the mean load per actor times these
+SPLIT_TARGETS = (1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 2.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -247,8 +248,8 @@ def plan(units: Sequence[Group], costs: Costs, actors: int, busy: Sequence[float
     candidates = [whole]
     for base in (lower_bound(units, costs, actors, busy), mean):
         for factor in SPLIT_TARGETS:
-            candidates.append(longest_first((part for u in units for part in split(u, costs, base * factor)),
-                                            costs))
+            parts = (part for u in units for part in split(u, costs, base * factor))
+            candidates.append(longest_first(parts, costs))
     scores = [makespan(c, costs, actors, busy) + (sum(costs.of(u) for u in c) - work) / actors
               for c in candidates]
     best = min(scores)
