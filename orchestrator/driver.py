@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from orchestrator import schedule
 from orchestrator.cells import Cell, Group, expand, group_cells, identity_columns, rerun_ids
 from orchestrator.lease import Lease, acquire
 from orchestrator.preflight import (
@@ -154,6 +155,11 @@ class Running:
     stage: str = "quantize"  # "evaluate" once the worker says quantization is done
     last_event: float = field(default_factory=time.monotonic)  # submission or previous item
     carried_overhead: float = 0.0  # driver/Ray time around the group's load+quantize
+    expected_s: float = 0.0  # the scheduler's expected cost of the whole unit
+    started: float = field(default_factory=time.monotonic)
+
+    def expected_left(self, now: float) -> float:
+        return max(0.0, self.expected_s - (now - self.started))
 
 
 def run_sweep(spec: Spec, store: Store, gpus: int | None = None, cpu_actors: int | None = None,
@@ -202,7 +208,8 @@ class SweepRun:
         self.statuses: Counter = Counter()
         self.written = self.ran = self.reused = 0
         self.tries: Counter = Counter()  # attempts per cell ended by a crash, a Ray error or a timeout
-        self.queue: list[Group] = []
+        self.queue: list[Group] = []  # units to run (orchestrator.schedule), longest first
+        self.costs: schedule.Costs | None = None
         self.bar: Any = None
         self.plan: Plan | None = None
         self._compacted_at_rows, self._compacted_at = 0, time.monotonic()
@@ -302,22 +309,24 @@ class SweepRun:
 
         _init_ray(gpus, verbose)
         try:
-            pool = ActorPool(len(group_cells(plan.pending)), cpu_actors)
+            pool = ActorPool(len(plan.pending), cpu_actors)  # a group's cells may spread
             self.check_on_worker(pool)
             groups = group_cells(plan.pending)
             if not groups:
                 return
+            self.costs = self.expected_costs(groups)
             self.ran = len(plan.pending)
             self.bar = tqdm(total=len(plan.pending), unit="cell", desc=f"sweep {self.spec.name}",
                             disable=not self.progress)
             for size, phase in phases(groups):  # the largest actors first, each size its own pool
                 if size != pool.gpus_per_actor:
                     pool.shutdown()
-                    pool = ActorPool(len(phase), cpu_actors, gpus_per_actor=size)
+                    pool = ActorPool(sum(len(g.cells) for g in phase), cpu_actors, gpus_per_actor=size)
                 if (size > 1 or self.gpus_required) and not pool.wait_for_gpus():
                     self.no_gpus(phase, size)
                     continue
-                self.queue = list(phase)
+                self.queue = schedule.plan(phase, self.costs, pool.size)
+                pool.size = min(pool.size, len(self.queue))
                 self.schedule(ray, pool)
             self.bar.close()
         finally:
@@ -334,6 +343,25 @@ class SweepRun:
         self.record([failure_row(cell, "timeout", "preflight", message, self.sweep_hash,
                                  self.plan.prior_attempts.get(cell.cell_id, 0) + 1)
                      for group in groups for cell in group.cells])
+
+    def expected_costs(self, groups: list[Group]) -> schedule.Costs:
+        """What each group is expected to cost: timings of the store's ok rows of the same
+        models (any sweep), else priors (``orchestrator.schedule.estimate``); groups whose
+        quantized model the driver sees in the artifact cache pay the load alone."""
+        params = {path: getattr(facts, "params", None) for path, facts in self.plan.facts.items()}
+        history: list[dict[str, Any]] = []
+        if self.store.files():
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            models = pa.array(sorted({g.head.model.path for g in groups}), pa.string())
+            table = self.store.read(None, columns=schedule.TIMING_COLUMNS)
+            table = table.filter(pc.and_(pc.equal(table["status"], "ok"),
+                                         pc.is_in(table["model_path"], value_set=models)))
+            history = table.select(schedule.TIMING_COLUMNS).to_pylist()
+        costs = schedule.estimate(groups, params, history)
+        cached = cached_groups(os.environ.get("QSWEEP_ARTIFACT_CACHE"))
+        return schedule.with_cached(costs, groups, cached, params) if cached else costs
 
     def check_on_worker(self, pool: ActorPool) -> None:
         """Judge the pending cells on facts of a machine they will run on (a probe with the
@@ -367,12 +395,16 @@ class SweepRun:
                 idle.extend(pool.grow(len(queue) - len(idle)))
             while idle and queue:
                 actor = idle.pop()
-                group = _next_group(queue, held_model.get(actor))
+                now = time.monotonic()
+                group = schedule.dispatch(queue, self.costs, len(idle) + 1,
+                                          [r.expected_left(now) for r in running.values()],
+                                          held_model.get(actor))
                 held_model[actor] = group.head.model.path
                 stream = actor.run_group.options(num_returns="streaming").remote(
                     group, spec.retries["oom"])
                 deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
-                running[stream] = Running(actor, group, list(group.cells), deadline)
+                running[stream] = Running(actor, group, list(group.cells), deadline,
+                                          expected_s=self.costs.of(group))
             if queue and not running and not idle:  # no actor could be placed at all
                 self.unschedulable(pool)
                 idle = pool.start_many(1, required=False)
@@ -480,12 +512,19 @@ def gpu_wait_s() -> float:
     return 900.0 if os.environ.get("RAY_ADDRESS") else 0.0
 
 
-def _next_group(queue: list[Group], model_path: str | None) -> Group:
-    """Prefer a group of the model this actor already holds."""
-    for i, group in enumerate(queue):
-        if group.head.model.path == model_path:
-            return queue.pop(i)
-    return queue.pop(0)
+def cached_groups(root: str | None) -> set[str]:
+    """Group ids with an entry in the artifact cache at ``root`` as the driver sees it
+    (``tasks.artifacts``: ``<group_id>-<device type>/report.pt``); empty where it cannot look
+    (no cache, or a folder of the workers' machines only)."""
+    if not root or not os.path.isdir(os.path.expanduser(root)):
+        return set()
+    found = set()
+    with os.scandir(os.path.expanduser(root)) as entries:
+        for entry in entries:
+            if entry.is_dir() and not entry.name.startswith(".") and \
+                    os.path.isfile(os.path.join(entry.path, "report.pt")):
+                found.add(entry.name.rsplit("-", 1)[0])
+    return found
 
 
 def _init_ray(gpus: int | None, verbose: bool) -> None:

@@ -82,3 +82,26 @@ def test_sweep_end_to_end_on_two_logical_gpus(tmp_path, tiny_llama, text_file):
     status = qsweep("status", str(spec_path), "--results", str(results), cwd=tmp_path)
     assert status.returncode == 0
     assert "14 cells; ok: 7, failed: 0, timeout: 0, skipped: 7, missing: 0" in status.stdout
+
+
+def test_a_groups_datasets_spread_over_idle_actors(tmp_path, tiny_llama, text_file):
+    # One baseline group (a load, no quantization) with two long datasets, two logical GPUs: the
+    # scheduler (orchestrator.schedule) expects the split to end sooner, so each actor runs one.
+    corpus = {"task": "perplexity", "path": str(text_file), "limit": 400, "seq_len": 32}
+    spec = {"name": "spread", "models": [{"name": "tiny-llama", "path": str(tiny_llama)}],
+            "methods": [{"name": "baseline"}],
+            "datasets": [{"name": "first", **corpus}, {"name": "second", **corpus}],
+            "profile": {"prompt_len": 8, "gen_len": 2, "batch_sizes": [1], "repeats": 1, "warmup": 0}}
+    spec_path = tmp_path / "spread.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    results = tmp_path / "results"
+    run = qsweep("run", str(spec_path), "--results", str(results), "--gpus", "2", "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "ran 2 cells" in run.stdout
+    rows = connect(str(results)).execute("select dataset, status, group_id, actor, attempts from cells").fetchall()
+    assert sorted(r[0] for r in rows) == ["first", "second"] and {r[1] for r in rows} == {"ok"}
+    assert len({r[2] for r in rows}) == 1  # one quantization group ...
+    assert len({r[3] for r in rows}) == 2  # ... run by two actors, each its own part
+    assert {r[4] for r in rows} == {1}
+    again = qsweep("run", str(spec_path), "--results", str(results), "--gpus", "2", "--no-progress", cwd=tmp_path)
+    assert again.returncode == 0 and "ran 0 cells" in again.stdout, again.stderr[-3000:]
