@@ -641,21 +641,17 @@ class ActorPool:
     ``cpu_actors`` CPU actors sharing the CPUs. The GPU slots are read again when actors are
     replaced or the pool grows, so nodes that died drop out and nodes that joined get actors."""
 
-    def __init__(self, n_groups: int, cpu_actors: int, gpus_per_actor: int = 1):
+    def __init__(self, max_actors: int, cpu_actors: int, gpus_per_actor: int = 1):
         import ray
 
         self.cpu_actors = cpu_actors
         self.gpus_per_actor = gpus_per_actor
         self._remote = ray.remote(CellActor)
         self.node_of: dict[Any, str | None] = {}  # live actor -> the node it is pinned to
-        self.n_groups = n_groups
+        self.max_actors = max_actors  # no more actors than units of work (cells) to give them
         slots = self._slots()
-        self.size = min(sum(n for _, n, _ in slots), n_groups)
+        self.size = min(sum(n for _, n, _ in slots), max_actors)
         self.options = self._options(slots[0])
-
-    @property
-    def gpu_actors(self) -> bool:
-        return self.options.get("num_gpus", 0) > 0
 
     def _slots(self) -> list[tuple[str | None, int, int]]:
         """(node id, actors it takes, CPUs per actor) per alive node with at least
@@ -689,7 +685,7 @@ class ActorPool:
         while True:
             slots = self._slots()
             if slots[0][0] is not None:
-                self.size = min(sum(n for _, n, _ in slots), self.n_groups)
+                self.size = min(sum(n for _, n, _ in slots), self.max_actors)
                 self.options = self._options(slots[0])
                 return True
             if time.monotonic() >= deadline:

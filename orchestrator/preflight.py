@@ -249,15 +249,15 @@ class MemoryPlan:
         return f"{stage}: {parts}, x{SLACK:.2f} slack = {self.peak / 2**30:.1f} GiB"
 
 
-def memory_plan(cell: Cell, facts: ModelFacts, accelerator: bool) -> MemoryPlan:
+def memory_plan(cell: Cell, facts: ModelFacts, accelerator: bool, device_bytes: int | None = None) -> MemoryPlan:
     """The memory plan of ``cell``'s group where its weights live: on an accelerator (the base
     model moves to the host while the quantized copy is made and evaluated: the worker's
     ``working_copy``/``offload_base``; spread over the GPUs of a ``gpus_per_actor`` > 1 actor it
     stays beside its copy) or on the host (the base stays beside its copy).
 
-    Activation statistics (methods that declare them) accumulate on the accelerator a pass at a
-    time, at most a quarter of its memory (``tasks.calibration.stats_budget``); on the host they
-    are whole: (in^2 + in) x 4 B per linear layer. The evaluation peak is the logits of one batch
+    Activation statistics (methods that declare them) are (in^2 + in) x 4 B per linear layer;
+    on an accelerator of ``device_bytes`` they accumulate a pass at a time within a quarter of
+    it (``tasks.calibration.stats_budget``), on the host they are whole. The evaluation peak is the logits of one batch
     in float32 (model's, log-softmax and the reference's for KL: 3 x batch x seq x vocab x 4 B)
     plus the K/V of the batch (2 x blocks x batch x seq x kv width x dtype)."""
     info = get_method(cell.method)
@@ -283,8 +283,9 @@ def memory_plan(cell: Cell, facts: ModelFacts, accelerator: bool) -> MemoryPlan:
         # the down (fc2) projection the intermediate width
         total = facts.layers * (6 * (hidden * hidden + hidden) + (inter * inter + inter)) * 4
         how = f"{facts.layers} blocks x (6 x {hidden}^2 + {inter}^2) x 4 B"
-        if accelerator:
-            how += ", a pass at a time within a quarter of the device"
+        if accelerator and device_bytes:
+            how += f" = {total / 2**30:.2f} GiB, a pass at a time within a quarter of the device"
+            total = min(total, device_bytes // 4)
         stages["calibrate"] = (base, ("activation statistics", total, how))
     # the base leaves a single GPU for its copy; spread over several (gpus_per_actor) it stays
     alone = accelerator and cell.model.gpus_per_actor == 1
@@ -307,12 +308,7 @@ def memory_verdict(cell: Cell, facts: ModelFacts | None, memory_bytes: int | Non
     if accelerator and cell.model.gpus_per_actor > 1:  # the actor holds that many of these GPUs
         memory_bytes *= cell.model.gpus_per_actor
         holder = f"{cell.model.gpus_per_actor} x {holder}"
-    plan = memory_plan(cell, facts, accelerator)
-    if accelerator and "calibrate" in plan.stages:  # the passes keep statistics within a quarter
-        stages = dict(plan.stages)
-        stages["calibrate"] = tuple((w, min(b, memory_bytes // 4), h) if w == "activation statistics" else (w, b, h)
-                                    for w, b, h in stages["calibrate"])
-        plan = MemoryPlan(stages)
+    plan = memory_plan(cell, facts, accelerator, memory_bytes)
     if plan.peak > memory_bytes:
         return Verdict(True, "oom", f"needs about {plan.peak / 2**30:.1f} GiB at {plan.explain()}; "
                        f"{holder or where} has {memory_bytes / 2**30:.1f} GiB", where=where)

@@ -134,8 +134,8 @@ class Store:
 
         Incremental: parts already compacted are not rewritten, except a part that holds a row
         the new rows supersede (a cell run again: the part is rewritten without it, so no stale
-        row stays on disk) and, once ``MERGE_PARTS`` parts under half of ``rows_per_file`` have
-        piled up, those small parts (merged into one). New rows that lose to a row already in a
+        row stays on disk) and, once ``MERGE_PARTS`` small parts of one size class have piled up,
+        those (merged into one: ``mergeable``). New rows that lose to a row already in a
         part (a failure after an ok row, a copy left by a killed compaction) are dropped.
         ``full`` merges everything into as few parts as ``rows_per_file`` allows.
 
@@ -180,7 +180,7 @@ class Store:
         if not cell_files and not folded:
             return None, None
         kept = [p for p in parts if p not in folded]
-        new = _newest(_read_files(cell_files + folded, self.fs)) if cell_files + folded else SCHEMA.empty_table()
+        new = _newest(_read_files(cell_files + folded, self.fs))
         dirty: list[str] = []
         if kept and new.num_rows:
             winners, on_disk = _winners(new, kept, self.fs)
@@ -272,8 +272,7 @@ class Store:
 
     def read(self, sweep: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """All rows, one per cell_id (``ROW_ORDER``)."""
-        order = {key for key, _ in ROW_ORDER if key != "status_ok"} | {"status", "cell_id"}
-        wanted = columns and sorted(set(columns) | order)
+        wanted = columns and sorted(set(columns) | set(RANK_COLUMNS))
         return _newest(self.dataset(sweep).to_table(columns=wanted))
 
 
@@ -311,6 +310,8 @@ def _sequences(paths: list[str], fs: pafs.FileSystem | None) -> dict[str, list[t
 
 
 NEW = "<new>"  # the rows a compaction is folding in, beside the parts' files
+# The columns ``_newest`` ranks a cell's rows by (``ROW_ORDER``; its status_ok comes from status).
+RANK_COLUMNS = ("cell_id", "status", *(key for key, _ in ROW_ORDER if key != "status_ok"))
 MERGE_PARTS = 8  # small compacted parts of one size class that, piled up, are merged into one
 
 
@@ -335,13 +336,14 @@ def mergeable(sizes: dict[str, int], rows_per_file: int) -> list[str]:
 
 def _winners(new: pa.Table, parts: list[str],
              fs: pafs.FileSystem | None) -> tuple[dict[str, bool], list[tuple[str, str]]]:
-    """For ``new`` rows (one per cell) against the rows of compacted ``parts``: per source
-    (``NEW`` or a part's path), whether every row it holds is its cell's first by
-    ``ROW_ORDER`` (a tie goes to the part: its copy stays where it is); and the parts'
-    (cell_id, path) pairs. Reads only the ranking columns of the parts."""
-    keys = ["cell_id", "status", "write_generation", "write_seq", "finished_at"]
+    """For ``new`` rows (one per cell) against the rows of the same cells in compacted
+    ``parts``: per source (``NEW`` or a part's path), whether every such row it holds is its
+    cell's first by ``ROW_ORDER`` (a tie goes to the part: its copy stays where it is); and
+    those rows' (cell_id, path) pairs. Reads only the ranking columns of the parts, and only the
+    rows of ``new``'s cells: a compaction during a sweep costs the new rows, not the store."""
+    keys = list(RANK_COLUMNS)
     on_disk = pads.dataset(parts, schema=SCHEMA, format="parquet", filesystem=fs).to_table(
-        columns=keys + ["__filename"])
+        columns=keys + ["__filename"], filter=pc.field("cell_id").isin(new.column("cell_id")))
     here = new.select(keys)
     both = pa.concat_tables([
         here.append_column("source", pa.array([NEW] * here.num_rows)).append_column(

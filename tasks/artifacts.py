@@ -70,9 +70,9 @@ class ArtifactCache:
         return (self.entry(group_id, device) / "report.pt").is_file()
 
     def get(self, group_id: str, device: str = "cpu") -> Artifact | None:
-        entry = self.entry(group_id, device)
-        if not (entry / "report.pt").is_file():
+        if not self.has(group_id, device):
             return None
+        entry = self.entry(group_id, device)
         try:
             saved = torch.load(entry / "report.pt", weights_only=False, map_location=device)
             model = torch.load(entry / "model.pt", weights_only=False, map_location=device)

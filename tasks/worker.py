@@ -7,7 +7,6 @@ that the driver completes with the cell's identity and writes.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import json
 import logging
@@ -376,16 +375,13 @@ def quantize(head: Any, state: WorkerState, base: Any, calib: Calibration | None
 
 
 def working_copy(base: Any, device: str) -> Any:
-    """The copy of the base model an in-place method changes. On an accelerator the base model
-    has moved to host memory (``offload_base``) and the copy goes to the device tensor by tensor,
-    so the accelerator never holds two copies of the weights (an 8B model in bf16: 16 GB, not
-    32); on the host a plain deep copy (re-reading from disk would cost the same memory and more
+    """The copy of the base model an in-place method changes, made tensor by tensor onto
+    ``device``. On an accelerator the base model has moved to host memory (``offload_base``)
+    first, so the accelerator never holds two copies of the weights (an 8B model in bf16: 16 GB,
+    not 32); spread over several GPUs (``gpus_per_actor``) each tensor's copy stays on its GPU;
+    on the host it is a plain copy (re-reading from disk would cost the same memory and more
     time)."""
-    if spread(base):  # over several GPUs: the copy's tensors go where the base's are
-        return copy_to(base, None)
-    if device.startswith("cuda"):
-        return copy_to(base, device)
-    return copy.deepcopy(base)
+    return copy_to(base, None if spread(base) else device)
 
 
 def precompute_references(group: Group, prepared: dict[str, Any], base: Any, state: WorkerState) -> None:

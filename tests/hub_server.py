@@ -27,7 +27,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +76,7 @@ class HubServer:
         self.root = Path(root)
         self.mirrors = self.root / "mirrors"
         self.gated: dict[str, str] = {}  # repo id -> the token that opens it
+        self.commits: dict[str, str] = {}  # repo id -> its latest commit
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
         self.headers: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers lowercased)
         self._lock = threading.Lock()
@@ -101,7 +101,8 @@ class HubServer:
                 (folder / item.name).write_bytes(item.read_bytes())
         if gated_token is not None:
             self.gated[repo_id] = gated_token
-        return commit_all(folder, f"add {repo_id}")
+        self.commits[repo_id] = commit_all(folder, f"add {repo_id}")
+        return self.commits[repo_id]
 
     def add_dataset(self, repo_id: str, splits: dict[str, dict[str, list[dict[str, Any]]]],
                     gated_token: str | None = None) -> str:
@@ -292,10 +293,3 @@ class HubServer:
 
         return Front
 
-
-def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.1)

@@ -37,7 +37,7 @@ def test_actors_of_n_gpus_pack_per_node(monkeypatch, per, expected):
     # a CPU-heavy head with no GPU beside two 8-GPU workers of 96 CPUs (KubeRay's, SLURM's shape)
     monkeypatch.setattr(ray, "nodes", lambda: nodes((64, 0), (96, 8), (96, 8)))
     monkeypatch.setattr(ray, "remote", lambda cls: cls)
-    pool = ActorPool(n_groups=100, cpu_actors=1, gpus_per_actor=per)
+    pool = ActorPool(max_actors=100, cpu_actors=1, gpus_per_actor=per)
     assert pool._slots() == expected
     assert pool.size == sum(n for _, n, _ in expected)
     assert pool.options == {"num_gpus": per, "num_cpus": expected[0][2]}
@@ -52,8 +52,8 @@ def test_no_node_big_enough_means_no_gpu_slots(monkeypatch):
     monkeypatch.setattr(ray, "remote", lambda cls: cls)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 160, "GPU": 8})
     monkeypatch.setenv("QSWEEP_GPU_WAIT_S", "0")
-    pool = ActorPool(n_groups=4, cpu_actors=1, gpus_per_actor=16)
-    assert not pool.gpu_actors and not pool.wait_for_gpus()
+    pool = ActorPool(max_actors=4, cpu_actors=1, gpus_per_actor=16)
+    assert "num_gpus" not in pool.options and not pool.wait_for_gpus()
 
 
 def test_gpus_per_actor_is_checked_and_left_out_of_the_identity():

@@ -77,15 +77,11 @@ def hub(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hub")
     server = HubServer(root / "server")
-    commits = {}
     for repo, arch in MODELS.items():
         # Llama at hidden 96 (group 64 does not divide it: the ragged path); the others at 128
-        source = make_tiny(root / "src" / arch, arch, hidden=96 if arch == "llama" else 128)
-        commits[repo] = server.add_model(repo, source)
-    commits["test-org/gated-llama"] = server.add_model("test-org/gated-llama", root / "src" / "llama",
-                                                      gated_token=TOKEN)
+        server.add_model(repo, make_tiny(root / "src" / arch, arch, hidden=96 if arch == "llama" else 128))
+    server.add_model("test-org/gated-llama", root / "src" / "llama", gated_token=TOKEN)
     serve_paper_data(server)
-    server.commits = commits
     with server:
         yield server
 
@@ -94,7 +90,11 @@ def hub_env(hub: HubServer, home: Path, **extra: str) -> dict[str, str]:
     """The environment of a client of the test hub: online, its own caches under ``home``."""
     env = offline_env(HF_ENDPOINT=hub.endpoint, HF_HOME=str(home / "hf"), QSWEEP_CACHE=str(home / "qsweep"),
                       HF_HUB_DISABLE_TELEMETRY="1")
-    env.pop("HF_TOKEN", None)
+    # Only HF_HOME names the caches: a cache location this machine sets for itself (CI may set
+    # HF_HUB_CACHE) would be shared across tests, and a file found there is not downloaded again.
+    for name in ("HF_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_XET_CACHE",
+                 "HF_ASSETS_CACHE", "TRANSFORMERS_CACHE", "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH"):
+        env.pop(name, None)
     env.update(HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", **extra)
     return env
 
