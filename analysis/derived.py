@@ -1,4 +1,4 @@
-"""Views that turn rows into decisions: ``baseline_deltas``, ``pareto``, ``table1``.
+"""Views that turn rows into decisions: ``baseline_deltas``, ``pareto``, ``table1``, ``sensitivity``.
 
 Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_directions``
 (analysis.quality). Columns:
@@ -28,7 +28,9 @@ Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_d
   (an engine that computes in bfloat16 against a float32 baseline), ``memory_bytes`` with ``memory_kind`` = the first measured of
   nvml_peak_process_bytes, cuda_peak_reserved_bytes, peak_rss_bytes less resident_base_bytes
   (the base model an actor keeps in host memory beside a quantized cell on CPU): the cell's own
-  memory) and ``anomaly``: null,
+  memory), ``kl_divergence`` (measured), ``predicted_kl`` and ``allocation`` (what ``qsweep
+  allocate`` predicted for a cell of the spec it wrote, and its JSON; null for any other cell)
+  and ``anomaly``: null,
   or '; '-joined flags: ``beats baseline beyond its uncertainty`` (better with p < 0.05, or by
   more than 1.96 delta_stderr when unpaired), ``non-finite metric``, ``larger than baseline``,
   ``evaluated on calibration text`` (calibration_overlap above 1%), ``no measurable change at
@@ -44,6 +46,13 @@ Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_d
   values, ``delta``, ``delta_stderr`` (paired over the per-example records when both have them,
   else from the two stderrs), ``p_value`` and ``test`` (paired sign-flip) and ``disagree``: the engines differ
   beyond their uncertainty (p < 0.05, or |delta| > 1.96 delta_stderr when unpaired).
+- ``sensitivity``: one row per ok unit cell of a sensitivity study (orchestrator.sensitivity:
+  one override pattern quantized, every other layer kept): sweep, model, dataset, ``unit_kind``
+  (block | type | layer), ``unit`` (the block index, the layer type such as mlp.down_proj, or the
+  layer's name), ``block``, pattern, method, method_params, bits, group_size, ``option``
+  (' w<bits> g<group>'), cell_id, kl_divergence, metric, value, baseline_value, delta,
+  quality_drop, ``unit_params`` (weights in the unit's layers), ``unit_bits_per_weight`` and
+  ``unit_bytes`` (the unit's layers as the format stores them), weight_bytes (the whole model).
 - ``table1``: the seed paper's Table 1 shape, one row per baseline (model, dataset, metric):
   baseline_score, best_quantized_score (best primary score among quantized cells with no
   anomaly), best_method (its config), bits, group_size, recovery_pct, p_value,
@@ -191,10 +200,18 @@ DERIVED_VIEWS = {
                    paired.ci95_high as paired_ci95_high
             from tested
         ),
+        -- an allocation's prediction (qsweep allocate) for the cells of the spec it wrote
+        predicted as (
+            select cell_id, arg_min(predicted_kl, allocation_id) as predicted_kl,
+                   arg_min(allocation, allocation_id) as allocation
+            from allocations group by cell_id
+        ),
         scored as (
-            select *, value - baseline_value as delta,
-                   case when higher_is_better then baseline_value - value else value - baseline_value end as quality_drop
-            from tested_out
+            select t.*, t.value - t.baseline_value as delta,
+                   case when t.higher_is_better then t.baseline_value - t.value
+                        else t.value - t.baseline_value end as quality_drop,
+                   p.predicted_kl, p.allocation
+            from tested_out t left join predicted p on p.cell_id = t.cell_id
         )
         select sweep, cell_id, model, method, method_params, bits, group_size,
                {CONFIG_LABEL.format(t='')} as config, dataset,
@@ -214,6 +231,7 @@ DERIVED_VIEWS = {
                compute_dtype is distinct from baseline_compute_dtype as dtype_differs,
                ttft_ms, tpot_p50_ms, throughput_tok_s, baseline_tpot_p50_ms,
                memory_bytes, memory_kind, baseline_memory_bytes,
+               kl_divergence, predicted_kl, allocation,
                nullif(concat_ws('; ',
                    case when quality_drop < 0 and (p_value < {SIGNIFICANCE}
                              or (p_value is null and -quality_drop > 1.96 * delta_stderr))
@@ -317,6 +335,38 @@ DERIVED_VIEWS = {
         select *, coalesce(p_value < {SIGNIFICANCE}, abs(delta) > 1.96 * delta_stderr, false) as disagree
         from compared
         order by model, dataset, method, bits, group_size
+    """,
+    # One row per ok unit cell of a sensitivity study (orchestrator.sensitivity): its overrides
+    # quantize one pattern and keep everything else ('*', keep). The unit is read back from the
+    # pattern; its stored bytes are its quantized layers' (bits per weight x weights / 8).
+    "sensitivity": r"""
+        create or replace view sensitivity as
+        with units as (
+            select sweep, cell_id, model, dtype, dataset, method, method_params, bits, group_size, kl_divergence,
+                   primary_metric, primary_value, params_quantized, bits_per_weight, weight_bytes,
+                   json_extract_string(method_params, '$.overrides[0].pattern') as pattern
+            from cells
+            where status = 'ok' and method_params like '%"overrides"%'
+              and json_array_length(json_extract(method_params, '$.overrides')) = 2
+              and json_extract_string(method_params, '$.overrides[1].pattern') = '*'
+              and coalesce(json_extract(method_params, '$.overrides[1].keep')::boolean, false)
+        )
+        select u.sweep, u.model, u.dtype, u.dataset,
+               case when regexp_matches(pattern, '^.+\.[0-9]+\.\*$') then 'block'
+                    when regexp_matches(pattern, '^.+?\.\*\..+$') then 'type' else 'layer' end as unit_kind,
+               case when regexp_matches(pattern, '^.+\.[0-9]+\.\*$')
+                    then regexp_extract(pattern, '^.+\.([0-9]+)\.\*$', 1)
+                    when regexp_matches(pattern, '^.+?\.\*\..+$') then regexp_extract(pattern, '^.+?\.\*\.(.+)$', 1)
+                    else pattern end as unit,
+               try_cast(regexp_extract(pattern, '\.([0-9]+)\.', 1) as integer) as block,
+               pattern, u.method, u.method_params, u.bits, u.group_size,
+               coalesce(' w' || u.bits, '') || coalesce(' g' || u.group_size, '') as option,
+               u.cell_id, u.kl_divergence, u.primary_metric as metric, u.primary_value as value,
+               d.baseline_value, d.delta, d.quality_drop,
+               u.params_quantized as unit_params, u.bits_per_weight as unit_bits_per_weight,
+               u.bits_per_weight * u.params_quantized / 8 as unit_bytes, u.weight_bytes
+        from units u left join baseline_deltas d on d.cell_id = u.cell_id and d.is_primary
+        order by u.model, u.dataset, unit_kind, block nulls last, unit, u.bits, u.group_size
     """,
     "table1": """
         create or replace view table1 as

@@ -12,7 +12,8 @@
   to its baseline on (model, dataset, example_id, metric) for paired comparisons.
 - ``metric_directions``: each quality metric, whether higher is better, its per-example
   record and paired test (analysis.quality).
-- ``baseline_deltas``, ``pareto``, ``table1``: see analysis.derived for their columns.
+- ``baseline_deltas``, ``pareto``, ``table1``, ``sensitivity``: see analysis.derived for their columns.
+- ``allocations``: what ``qsweep allocate`` predicted for the cells of the specs it wrote.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection
     extension, and is sealed (no file or network access from a query)."""
     con = duckdb.connect(config={"autoinstall_known_extensions": False,
                                  "autoload_known_extensions": False})
-    con.register("raw_rows", Store(results).dataset(sweep))
+    store = Store(results)
+    con.register("raw_rows", store.dataset(sweep))
+    con.register("allocations", store.allocations())  # qsweep allocate's predictions
     # One row per cell_id. Only cells written more than once need ranking: a window over every
     # row would carry each row's every column through a sort, so a cell written once passes.
     con.execute(f"""

@@ -115,31 +115,44 @@ class Group:
         return self.head.profile
 
 
-def expand(spec: Spec) -> list[Cell]:
-    """The grid, honouring each method's axes and the exclude rules; no duplicates."""
+def expand(spec: Spec, sensitivity: bool = True) -> list[Cell]:
+    """The grid, honouring each method's axes and the exclude rules; no duplicates. With
+    ``sensitivity`` (and a ``sensitivity:`` block), each model's unit cells follow its grid: their
+    units come from the model's weights (``orchestrator.sensitivity``), which parsing never reads."""
     cells: list[Cell] = []
-    for model, variant in itertools.product(spec.models, spec.methods):
+    pairs = list(itertools.product(spec.models, spec.methods))
+    if sensitivity and spec.sensitivity is not None:
+        from orchestrator.sensitivity import study_variants
+
+        pairs += [(model, variant) for model in spec.models for variant in study_variants(spec, model)]
+    seen: set[str] = set()
+    for model, variant in pairs:
         info = get_method(variant.name)
         bits_axis = (variant.bits or spec.bits) if info.uses_bits else (None,)
         groups_axis = (variant.group_sizes or spec.group_sizes) if info.uses_group_size else (None,)
-        calibration = spec.calibration if info.calibrated(variant.params) else None
-        for bits, group_size, dataset in itertools.product(bits_axis, groups_axis, spec.datasets):
+        calibrations = (spec.calibrations or (None,)) if info.calibrated(variant.params) else (None,)
+        for bits, group_size, calibration, dataset in itertools.product(bits_axis, groups_axis, calibrations,
+                                                                        spec.datasets):
             cell = Cell(sweep=spec.name, model=model, method=variant.name, params=variant.params,
                         bits=bits, group_size=group_size, calibration=calibration,
                         dataset=dataset, seed=spec.seed, profile=spec.profile,
                         params_canonical=variant.canonical)
-            if not any(_matches(rule, cell) for rule in spec.exclude):
-                cells.append(cell)  # variants, models and datasets are unique: so are cells
+            if any(_matches(rule, cell) for rule in spec.exclude) or cell.cell_id in seen:
+                continue  # excluded, or a unit cell the grid has already (its overrides written by hand)
+            seen.add(cell.cell_id)
+            cells.append(cell)
     return cells
 
 
 def count_cells(spec: Spec) -> int:
-    """Cells of the grid before excludes, without building them."""
+    """Cells of the grid before excludes, without building them (and without the sensitivity
+    study's, which need the models' weights to list)."""
     total = 0
     for variant in spec.methods:
         info = get_method(variant.name)
         total += ((len(variant.bits or spec.bits) if info.uses_bits else 1)
-                  * (len(variant.group_sizes or spec.group_sizes) if info.uses_group_size else 1))
+                  * (len(variant.group_sizes or spec.group_sizes) if info.uses_group_size else 1)
+                  * (len(spec.calibrations) or 1 if info.calibrated(variant.params) else 1))
     return total * len(spec.models) * len(spec.datasets)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -150,6 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", choices=("size", "quality", "latency"), default="size",
                    help="rank qualifying configs by (default: size)")
     p.add_argument("--top", type=_positive, default=5, help="configs to show (default 5)")
+
+    p = sub.add_parser("allocate", help="mixed precision from a sensitivity study, under a size budget",
+                       description="Read a finished sensitivity study (a spec's `sensitivity:` block) and "
+                       "choose one option per unit that minimises the predicted KL divergence (the sum of "
+                       "each unit's KL when quantized alone: an assumption the output states) under the "
+                       "budget, exactly (an integer program solved to a zero gap). Writes the choice as a "
+                       "spec that `qsweep run` runs as a normal cell into the same store; baseline_deltas "
+                       "then shows predicted_kl beside the measured kl_divergence.")
+    p.add_argument("--results", default="results", help="results directory of the study (default: ./results)")
+    p.add_argument("--sweep", required=True, help="the study's sweep name")
+    p.add_argument("--model", help="the model to allocate for (needed when the study has several)")
+    p.add_argument("--dataset", help="the dataset whose KL drives the choice (needed when several have KL)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bits-per-weight", type=_float, help="average stored bits per weight over the "
+                        "study's units, scales and zeros included (e.g. 3.5)")
+    budget.add_argument("--weight-bytes", type=_size, help="bytes of the whole model's weights: bytes or 60MB")
+    p.add_argument("--out", required=True, help="the spec file to write (YAML)")
+    p.add_argument("--name", help="the written spec's sweep name (default: <sweep>-mixed-<budget>)")
 
     p = sub.add_parser("report", help="plots (PNG) and one self-contained HTML page",
                        description="Write PNG plots and report.html (images embedded) to OUT: "
@@ -539,6 +558,63 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_allocate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from analysis import allocate as alloc
+    from analysis.views import connect
+    from orchestrator.cells import expand
+
+    con = connect(args.results)
+    try:
+        rows, model, dataset = alloc.study_rows(con, args.sweep, args.model, args.dataset)
+        allocation = alloc.allocate(rows, dataset, bits_per_weight=args.bits_per_weight,
+                                    weight_bytes=args.weight_bytes)
+    except alloc.AllocationError as exc:
+        print(f"qsweep allocate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    budget = ({"bits_per_weight": args.bits_per_weight} if args.bits_per_weight is not None
+              else {"weight_bytes": args.weight_bytes})
+    tag = (f"bpw{args.bits_per_weight:g}" if args.bits_per_weight is not None else f"bytes{args.weight_bytes}")
+    name = args.name or f"{args.sweep}-mixed-{tag}".replace("/", "-")
+    context = alloc.study_context(con, args.sweep, model, rows[0]["cell_id"])
+    spec = alloc.mixed_spec(allocation, context, name)
+    out = Path(args.out)
+    header = (f"# Written by `qsweep allocate --sweep {args.sweep}` from {len(allocation.choices)} units of "
+              f"{model}, KL on {dataset}\n# budget: {budget}; chosen: {allocation.bits_per_weight:.4f} bits per "
+              f"weight over the units, {allocation.weight_bytes:,.0f} weight bytes; predicted KL "
+              f"{allocation.predicted_kl:.5f}\n# {alloc.ASSUMPTION}\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(header + yaml.safe_dump(spec, sort_keys=False))
+    cells = expand(load_spec(out))
+    predicted = alloc.predictions(allocation, rows, cells)
+    allocation_id = alloc.allocation_id(args.sweep, model, dataset, budget, spec)
+    record = json.dumps({"study": args.sweep, "model": model, "dataset": dataset, "budget": budget,
+                         "solver": "scipy.optimize.milp (HiGHS), mip_rel_gap 0", "assumption": alloc.ASSUMPTION,
+                         "bits_per_weight": allocation.bits_per_weight, "weight_bytes": allocation.weight_bytes,
+                         "choices": {c.unit: alloc.option_label((c.bits, c.group_size)) for c in allocation.choices}},
+                        sort_keys=True)
+    import pyarrow as pa
+
+    Store(args.results).write_allocation(allocation_id, pa.table({
+        "allocation_id": [allocation_id] * len(predicted), "cell_id": list(predicted),
+        "predicted_kl": list(predicted.values()), "allocation": [record] * len(predicted)}))
+    counts = Counter(alloc.option_label((c.bits, c.group_size)) for c in allocation.choices)
+    print(f"{model}: {len(allocation.choices)} {rows[0]['unit_kind']} units; KL from {dataset}")
+    print(f"budget {budget}: chosen {allocation.bits_per_weight:.4f} bits per weight over the units "
+          f"({allocation.unit_bytes:,.0f} of {allocation.budget_bytes:,.0f} bytes allowed), "
+          f"{allocation.weight_bytes:,.0f} weight bytes in all")
+    print("options: " + ", ".join(f"{option} x{n}" for option, n in sorted(counts.items())))
+    print(f"predicted KL {allocation.predicted_kl:.5f} ({alloc.ASSUMPTION})")
+    for uniform in alloc.uniform_predictions(rows, dataset):
+        print(f"  uniform {uniform['option']}: {uniform['bits_per_weight']:.4f} bits per weight, "
+              f"predicted KL {uniform['predicted_kl']:.5f}")
+    print(f"wrote {out} ({len(cells)} cells); run it with `qsweep run {out} --results {args.results}`, then "
+          "`qsweep query \"select config, dataset, kl_divergence, predicted_kl, value from baseline_deltas "
+          "where predicted_kl is not null\"`")
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
 
@@ -556,7 +632,7 @@ def _label(cell) -> str:
 
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "fetch": cmd_fetch, "export": cmd_export, "status": cmd_status, "compact": cmd_compact,
-            "query": cmd_query, "recommend": cmd_recommend, "report": cmd_report}
+            "query": cmd_query, "recommend": cmd_recommend, "allocate": cmd_allocate, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

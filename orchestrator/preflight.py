@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import struct
 from dataclasses import dataclass, replace
@@ -48,6 +49,29 @@ class ModelFacts:
     layers: int | None = None  # decoder blocks
     vocab: int | None = None
     kv_width: int | None = None  # key/value heads x head dim: one token's K (or V) in one block
+    # the linear layers of the decoder blocks by module name, in block order, from the weights'
+    # headers (the sensitivity study's units); empty when no header was at hand
+    linear_names: tuple[str, ...] = ()
+
+
+# A decoder block's linear weight: ``<container>.<block>.<path>.weight``, 2-D (norms are 1-D).
+BLOCK_WEIGHT = re.compile(r"^(?P<container>.+?)\.(?P<block>\d+)\.(?P<path>.+)\.weight$")
+# llama.cpp's tensor names of a Llama-architecture GGUF, as transformers names the modules
+GGUF_LINEAR = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+
+
+def linear_names(shapes: dict[str, list[int]]) -> tuple[str, ...]:
+    """Module names of the decoder blocks' linear layers from tensor names and shapes: 2-D
+    ``*.weight`` tensors inside a numbered block, in block order (embeddings, norms and the head
+    are outside the blocks or 1-D)."""
+    found = []
+    for name, shape in shapes.items():
+        match = BLOCK_WEIGHT.match(name)
+        if match and len(shape) == 2 and "embed" not in match["path"] and "norm" not in match["path"]:
+            found.append((match["container"], int(match["block"]), match["path"]))
+    return tuple(f"{c}.{b}.{path}" for c, b, path in sorted(found))
 
 
 def config_facts(data: dict[str, Any], params: int | None) -> ModelFacts:
@@ -85,7 +109,9 @@ def model_facts(path: str, revision: str | None = None) -> ModelFacts | None:
     config = directory / "config.json"
     if not config.is_file():
         return None
-    return config_facts(json.loads(config.read_text()), _safetensors_params(directory))
+    shapes = _safetensors_shapes(directory)
+    facts = config_facts(json.loads(config.read_text()), _params(shapes) if shapes else None)
+    return replace(facts, linear_names=linear_names(shapes)) if shapes else facts
 
 
 def _hub_facts(repo: str, revision: str | None) -> ModelFacts | None:
@@ -103,28 +129,33 @@ def _hub_facts(repo: str, revision: str | None) -> ModelFacts | None:
         return None
     if facts.params is None and os.environ.get("HF_HUB_OFFLINE") != "1":
         try:
-            counts = get_safetensors_metadata(repo, revision=revision).parameter_count
-            facts = replace(facts, params=sum(counts.values()) or None)
+            metadata = get_safetensors_metadata(repo, revision=revision)
+            shapes = {name: info.shape for file in metadata.files_metadata.values()
+                      for name, info in file.tensors.items()}
+            facts = replace(facts, params=_params(shapes) or None, linear_names=linear_names(shapes))
         except Exception:  # noqa: BLE001 - no safetensors headers: the memory check is skipped
             pass
     return facts
 
 
-def _safetensors_params(directory: Path) -> int | None:
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        return None
-    total = 0
-    for file in files:
+def _safetensors_shapes(directory: Path) -> dict[str, list[int]]:
+    """Every tensor's shape from the safetensors headers of ``directory`` (no weight is read)."""
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(directory.glob("*.safetensors")):
         with open(file, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in info["shape"]:
-                    count *= dim
-                total += count
+        shapes.update({name: info["shape"] for name, info in header.items() if name != "__metadata__"})
+    return shapes
+
+
+def _params(shapes: dict[str, list[int]]) -> int:
+    total = 0
+    for shape in shapes.values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count
     return total
 
 
@@ -148,10 +179,16 @@ def _known_facts(name: str) -> ModelFacts | None:
         return int(f.parts[f.data[0]][0])
 
     hidden, heads = field("embedding_length"), field("attention.head_count")
+    names = []  # blk.<i>.<llama.cpp name>.weight, as transformers names the module
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_LINEAR and parts[3] == "weight":
+            names.append((int(parts[1]), f"model.layers.{parts[1]}.{GGUF_LINEAR[parts[2]]}"))
     return ModelFacts(widths={"hidden_size": hidden, "intermediate_size": field("feed_forward_length")},
                       params=sum(int(t.n_elements) for t in reader.tensors), layers=field("block_count"),
                       vocab=len(reader.fields["tokenizer.ggml.tokens"].data),
-                      kv_width=field("attention.head_count_kv") * (hidden // heads))
+                      kv_width=field("attention.head_count_kv") * (hidden // heads),
+                      linear_names=tuple(name for _, name in sorted(names)))
 
 
 def spec_problems(spec: Spec, facts: dict[str, ModelFacts | None]) -> list[str]:

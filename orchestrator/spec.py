@@ -33,7 +33,11 @@ TOP_LEVEL_KEYS = {
     "bits": "list of bit widths, for methods that take bits",
     "group_sizes": "list of group sizes (-1 = one scale per output channel)",
     "datasets": "list of {name, task, path, limit, <task setting>: value}",
-    "calibration": "{dataset, samples, seq_len}, for methods that need calibration",
+    "calibration": "{dataset, samples, seq_len}, for methods that need calibration; a list of such "
+                   "mappings (or list values inside one) crosses calibrated methods with each",
+    "sensitivity": "{unit: block | layer | type, method: <name or {name, <param>: value}>, options: "
+                   "[{bits, group_size}], models: [names]}: cells that each quantize one unit at one "
+                   "option and keep the rest in dtype (orchestrator.sensitivity)",
     "exclude": "list of {axis: value | [values]} rules; a cell matching every key is dropped",
     "seed": "integer seed recorded in every cell (default 0)",
     "cpu_actors": "number of CPU actors when the cluster has no GPU (default 1)",
@@ -127,7 +131,8 @@ class Spec:
     bits: tuple[int, ...]
     group_sizes: tuple[int, ...]
     datasets: tuple[DatasetEntry, ...]
-    calibration: dict[str, Any] | None
+    # each calibration a calibrated method's cells are crossed with (empty: none given)
+    calibrations: tuple[dict[str, Any], ...]
     exclude: tuple[dict[str, Any], ...]
     seed: int
     cpu_actors: int
@@ -136,6 +141,12 @@ class Spec:
     raw: dict[str, Any] = field(repr=False, compare=False)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     reuse: bool = True
+    sensitivity: Any = None  # orchestrator.sensitivity.Study, or None
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """The first calibration (specs with one: the calibration)."""
+        return self.calibrations[0] if self.calibrations else None
 
 
 def canonical_json(payload: Any) -> str:
@@ -206,8 +217,13 @@ def parse_spec(raw: Any, source: str = "<spec>", max_cells: int = DEFAULT_MAX_CE
                             check=lambda g: g > 0 or g == -1,
                             allowed="positive integers or -1 (per output channel)")
     datasets = _parse_datasets(raw.get("datasets", _MISSING), problems)
+    from orchestrator.sensitivity import parse_study  # it builds on this module's parsers
+
+    study = parse_study(raw.get("sensitivity"), [m.name for m in models], problems, defaults)
     needs_calibration = [m.name for m in methods if get_method(m.name).calibrated(m.params)]
-    calibration = _parse_calibration(raw.get("calibration"), needs_calibration, problems)
+    if study is not None and get_method(study.method.name).calibrated(study.method.params):
+        needs_calibration.append(f"sensitivity.method ({study.method.name})")
+    calibrations = _parse_calibrations(raw.get("calibration"), needs_calibration, problems)
     exclude = _parse_exclude(raw.get("exclude", []), methods, problems)
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -231,8 +247,8 @@ def parse_spec(raw: Any, source: str = "<spec>", max_cells: int = DEFAULT_MAX_CE
     spec = Spec(
         source=source, name=name, models=tuple(models), methods=tuple(methods),
         bits=tuple(bits), group_sizes=tuple(group_sizes), datasets=tuple(datasets),
-        calibration=calibration, exclude=tuple(exclude), seed=seed, cpu_actors=cpu_actors,
-        retries=retries, timeout_s=timeout_s, raw=raw, profile=profile, reuse=reuse,
+        calibrations=calibrations, exclude=tuple(exclude), seed=seed, cpu_actors=cpu_actors,
+        retries=retries, timeout_s=timeout_s, raw=raw, profile=profile, reuse=reuse, sensitivity=study,
     )
     _check_exclude_values(spec, problems)
     _check_capabilities(spec, problems, max_cells)
@@ -464,27 +480,52 @@ def _parse_datasets(value: Any, problems: _Problems) -> list[DatasetEntry]:
     return datasets
 
 
-def _parse_calibration(value: Any, needed_by: list[str], problems: _Problems) -> dict | None:
+def _parse_calibrations(value: Any, needed_by: list[str], problems: _Problems) -> tuple[dict, ...]:
+    """The calibrations of a spec: one mapping, or a list of them; a list value inside a mapping
+    (``samples: [16, 64, 128]``) crosses like any axis. Each is {dataset, samples, seq_len}."""
     if value is None:
         if needed_by:
             problems.add("calibration", _MISSING,
                          f"missing; needed by {_keys(sorted(set(needed_by)))}: add "
                          "`calibration: {dataset: <name or path>, samples: 128, seq_len: 512}`")
-        return None
-    if not isinstance(value, dict):
-        problems.add("calibration", value, "must be a mapping {dataset, samples, seq_len}")
-        return None
-    for key in value:
-        if key not in CALIBRATION_KEYS:
-            problems.add(f"calibration.{key}", _MISSING, _unknown(key, CALIBRATION_KEYS))
-    if not isinstance(value.get("dataset"), str):
-        problems.add("calibration.dataset", value.get("dataset", _MISSING), "a dataset name or path is required")
-    for key, default in (("samples", 128), ("seq_len", 512)):
-        v = value.get(key, default)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            problems.add(f"calibration.{key}", v, "must be a positive integer")
-    return {"dataset": value.get("dataset"), "samples": value.get("samples", 128),
-            "seq_len": value.get("seq_len", 512)}
+        return ()
+    entries = value if isinstance(value, list) else [value]
+    if not entries:
+        problems.add("calibration", value, "an empty list; give one or more {dataset, samples, seq_len}")
+        return ()
+    calibrations: list[dict] = []
+    for i, entry in enumerate(entries):
+        where = f"calibration[{i}]" if isinstance(value, list) else "calibration"
+        if not isinstance(entry, dict):
+            problems.add(where, entry, "must be a mapping {dataset, samples, seq_len}")
+            continue
+        for key in entry:
+            if key not in CALIBRATION_KEYS:
+                problems.add(f"{where}.{key}", _MISSING, _unknown(key, CALIBRATION_KEYS))
+        axes = {key: entry.get(key, default) for key, default in
+                (("dataset", _MISSING), ("samples", 128), ("seq_len", 512))}
+        axes = {key: v if isinstance(v, list) else [v] for key, v in axes.items()}
+        good = True
+        for key, values in axes.items():
+            if not values:
+                problems.add(f"{where}.{key}", values, "an empty list")
+                good = False
+            for v in values:
+                if key == "dataset" and not isinstance(v, str):
+                    problems.add(f"{where}.dataset", v, "a dataset name or path is required")
+                    good = False
+                elif key != "dataset" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                    problems.add(f"{where}.{key}", v, "must be a positive integer")
+                    good = False
+        if not good:
+            continue
+        for dataset, samples, seq_len in itertools.product(*axes.values()):
+            calibration = {"dataset": dataset, "samples": samples, "seq_len": seq_len}
+            if calibration in calibrations:
+                problems.add(where, calibration, "the same calibration twice; remove one")
+            else:
+                calibrations.append(calibration)
+    return tuple(calibrations)
 
 
 def _parse_profile(value: Any, problems: _Problems) -> ProfileConfig:

@@ -275,6 +275,31 @@ class Store:
         wanted = columns and sorted(set(columns) | set(RANK_COLUMNS))
         return _newest(self.dataset(sweep).to_table(columns=wanted))
 
+    # -- allocations (analysis.allocate): predictions beside the rows they predict -------------
+    def write_allocation(self, allocation_id: str, table: pa.Table) -> Path | str:
+        """Record an allocation's predictions (``ALLOCATION_SCHEMA``: one row per cell of the
+        spec it wrote) as ``<store>/.allocations/<allocation_id>.parquet``; writing the same
+        allocation again replaces it."""
+        table = table.cast(ALLOCATION_SCHEMA)
+        if self.fs is not None:
+            path = f"{self.base}/{ALLOCATIONS}/{allocation_id}.parquet"
+            _put(self.fs, path, _parquet_bytes(table))
+            return path
+        return _atomic_write(table, self.root / ALLOCATIONS / f"{allocation_id}.parquet")
+
+    def allocations(self) -> pa.Table:
+        """Every recorded allocation's predictions (an empty table when there are none)."""
+        if self.fs is not None:
+            infos = self.fs.get_file_info(pafs.FileSelector(f"{self.base}/{ALLOCATIONS}", allow_not_found=True))
+            paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                           and not _is_tmp(i.path))
+        else:
+            paths = sorted(str(p) for p in (self.root / ALLOCATIONS).glob("*.parquet")
+                           if not p.name.startswith(TMP_PREFIX))
+        if not paths:
+            return ALLOCATION_SCHEMA.empty_table()
+        return pads.dataset(paths, schema=ALLOCATION_SCHEMA, format="parquet", filesystem=self.fs).to_table()
+
 
 def cell_file_name(row: dict[str, Any]) -> str:
     """``<cell_id>.parquet`` for an ok row, ``<cell_id>.<status>.parquet`` for any other: a
@@ -312,6 +337,13 @@ def _sequences(paths: list[str], fs: pafs.FileSystem | None) -> dict[str, list[t
 NEW = "<new>"  # the rows a compaction is folding in, beside the parts' files
 # The columns ``_newest`` ranks a cell's rows by (``ROW_ORDER``; its status_ok comes from status).
 RANK_COLUMNS = ("cell_id", "status", *(key for key, _ in ROW_ORDER if key != "status_ok"))
+ALLOCATIONS = ".allocations"  # beside the sweeps; a sweep's files are under <sweep>/cells|compacted
+ALLOCATION_SCHEMA = pa.schema([
+    ("allocation_id", pa.string()),  # hash of the allocation's inputs
+    ("cell_id", pa.string()),  # a cell of the spec the allocation wrote
+    ("predicted_kl", pa.float64()),  # the sum of the chosen options' unit KL on the cell's dataset
+    ("allocation", pa.string()),  # JSON: study sweep, budget, solver, chosen option per unit
+])
 MERGE_PARTS = 8  # small compacted parts of one size class that, piled up, are merged into one
 
 
