@@ -125,14 +125,18 @@ def expand(spec: Spec, sensitivity: bool = True) -> list[Cell]:
         from orchestrator.sensitivity import study_variants
 
         pairs += [(model, variant) for model in spec.models for variant in study_variants(spec, model)]
+    study = len(spec.models) * len(spec.methods)  # the pairs from here on are the study's
     seen: set[str] = set()
-    for model, variant in pairs:
+    for index, (model, variant) in enumerate(pairs):
         info = get_method(variant.name)
+        datasets = spec.datasets
+        if index >= study and spec.sensitivity.datasets:
+            datasets = tuple(d for d in spec.datasets if d.name in spec.sensitivity.datasets)
         bits_axis = (variant.bits or spec.bits) if info.uses_bits else (None,)
         groups_axis = (variant.group_sizes or spec.group_sizes) if info.uses_group_size else (None,)
         calibrations = (spec.calibrations or (None,)) if info.calibrated(variant.params) else (None,)
         for bits, group_size, calibration, dataset in itertools.product(bits_axis, groups_axis, calibrations,
-                                                                        spec.datasets):
+                                                                        datasets):
             cell = Cell(sweep=spec.name, model=model, method=variant.name, params=variant.params,
                         bits=bits, group_size=group_size, calibration=calibration,
                         dataset=dataset, seed=spec.seed, profile=spec.profile,

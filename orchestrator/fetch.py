@@ -48,8 +48,8 @@ def items(spec: Spec) -> tuple[list[Item], list[str]]:
                 wanted.setdefault((path, None), Item("dataset", path))
             else:
                 local.append(f"dataset {dataset.name}: {path} (not on the hub)")
-    if spec.calibration:
-        path = KNOWN_DATASETS.get(spec.calibration["dataset"], (None, spec.calibration["dataset"]))[1]
+    for calibration in spec.calibrations:
+        path = KNOWN_DATASETS.get(calibration["dataset"], (None, calibration["dataset"]))[1]
         if kind(path) == "hub":
             wanted.setdefault((path, None), Item("calibration set", path))
     return list(wanted.values()), sorted(set(local))

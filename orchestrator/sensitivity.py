@@ -8,6 +8,7 @@ sensitivity:
   method: {name: rtn, sym: false}     # or a method name; a method that takes `overrides`
   options: [{bits: 2, group_size: 32}, {bits: 3, group_size: 32}, {bits: 4, group_size: 32}]
   models: [smollm2-135m]              # optional: the spec's models it studies (default: all)
+  datasets: [select]                  # optional: the datasets unit cells are evaluated on (default: all)
 ```
 
 A unit cell is an ordinary cell of its method: its ``overrides`` are the unit's pattern at the
@@ -33,7 +34,7 @@ from orchestrator.spec import MethodVariant, ModelEntry, Spec, SpecError
 from tasks.quantize.registry import get_method
 
 UNITS = ("block", "layer", "type")
-STUDY_KEYS = ("unit", "method", "options", "models")
+STUDY_KEYS = ("unit", "method", "options", "models", "datasets")
 KEEP_REST = {"pattern": "*", "keep": True}
 
 
@@ -43,6 +44,7 @@ class Study:
     method: MethodVariant  # its params without overrides
     options: tuple[tuple[int | None, int | None], ...]  # (bits, group_size)
     models: tuple[str, ...]  # model names the study covers
+    datasets: tuple[str, ...] = ()  # dataset names its cells are evaluated on (empty: all)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class Unit:
     pattern: str  # the override pattern selecting its layers
 
 
-def parse_study(value: Any, model_names: list[str], problems: Any, defaults: dict[str, Any]) -> Study | None:
+def parse_study(value: Any, model_names: list[str], dataset_names: list[str], problems: Any,
+                defaults: dict[str, Any]) -> Study | None:
     """The ``sensitivity:`` block, validated; problems go to ``problems`` (spec._Problems)."""
     from orchestrator.spec import _MISSING, _keys, _parse_methods, _unknown
 
@@ -99,10 +102,18 @@ def parse_study(value: Any, model_names: list[str], problems: Any, defaults: dic
     for i, name in enumerate(models):
         if name not in model_names:
             problems.add(f"sensitivity.models[{i}]", name, f"not a model of this spec ({_keys(model_names)})")
+    datasets = value.get("datasets", [])
+    if not isinstance(datasets, list):
+        problems.add("sensitivity.datasets", datasets, "a list of the spec's dataset names")
+        datasets = []
+    for i, name in enumerate(datasets):
+        if name not in dataset_names:
+            problems.add(f"sensitivity.datasets[{i}]", name, f"not a dataset of this spec ({_keys(dataset_names)})")
     if unit not in UNITS or not options:
         return None
     return Study(unit=unit, method=MethodVariant(name=variant.name, params=params), options=tuple(options),
-                 models=tuple(m for m in models if m in model_names))
+                 models=tuple(m for m in models if m in model_names),
+                 datasets=tuple(d for d in datasets if d in dataset_names))
 
 
 def _parse_options(value: Any, info: Any, params: dict[str, Any], problems: Any) -> list[tuple]:

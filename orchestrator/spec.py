@@ -219,7 +219,8 @@ def parse_spec(raw: Any, source: str = "<spec>", max_cells: int = DEFAULT_MAX_CE
     datasets = _parse_datasets(raw.get("datasets", _MISSING), problems)
     from orchestrator.sensitivity import parse_study  # it builds on this module's parsers
 
-    study = parse_study(raw.get("sensitivity"), [m.name for m in models], problems, defaults)
+    study = parse_study(raw.get("sensitivity"), [m.name for m in models], [d.name for d in datasets], problems,
+                        defaults)
     needs_calibration = [m.name for m in methods if get_method(m.name).calibrated(m.params)]
     if study is not None and get_method(study.method.name).calibrated(study.method.params):
         needs_calibration.append(f"sensitivity.method ({study.method.name})")
@@ -615,8 +616,8 @@ def _check_capabilities(spec: Spec, problems: _Problems, max_cells: int) -> None
         problems.add("(grid)", total, f"the spec expands to {total:,} cells before excludes, over the cap of "
                      f"{max_cells:,}; narrow an axis or pass --max-cells {total}")
         return
-    cells = expand(spec)
-    if not cells:
+    cells = expand(spec, sensitivity=False)  # the study's units need the weights: listed at plan time
+    if not cells and spec.sensitivity is None:
         problems.add("exclude", _MISSING, "the spec expands to zero cells: the exclude rules "
                      "remove every cell; loosen a rule")
     # An axis value no method of the spec can take is a mistake, not a skip.

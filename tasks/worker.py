@@ -143,6 +143,11 @@ class WorkerState:
         if cached is None:
             cached = self._calibrations[key] = Calibration(load_calibration(spec, self._tokenizer), {})
         if stats and not cached.stats:
+            # one calibration's statistics resident at a time (a spec may cross several): the
+            # others keep their windows, and compute their statistics again if asked
+            for other, kept in self._calibrations.items():
+                if kept.stats:
+                    self._calibrations[other] = Calibration(kept.data, {})
             cached = self._calibrations[key] = Calibration(cached.data, activation_stats(self._model, cached.data))
             self.calibration_runs += 1
         return cached
