@@ -29,8 +29,9 @@ Built on ``cells``, ``metrics`` and ``examples`` (analysis.views) and ``metric_d
   nvml_peak_process_bytes, cuda_peak_reserved_bytes, peak_rss_bytes less resident_base_bytes
   (the base model an actor keeps in host memory beside a quantized cell on CPU): the cell's own
   memory), ``kl_divergence`` (measured), ``predicted_kl`` and ``allocation`` (what ``qsweep
-  allocate`` predicted for a cell of the spec it wrote, and its JSON; null for any other cell)
-  and ``anomaly``: null,
+  allocate`` predicted for a cell of the spec it wrote, and its JSON; null for any other cell),
+  ``sensitivity_unit`` (a sensitivity study's unit cell: one unit quantized, the rest kept; table1
+  leaves these out) and ``anomaly``: null,
   or '; '-joined flags: ``beats baseline beyond its uncertainty`` (better with p < 0.05, or by
   more than 1.96 delta_stderr when unpaired), ``non-finite metric``, ``larger than baseline``,
   ``evaluated on calibration text`` (calibration_overlap above 1%), ``no measurable change at
@@ -82,6 +83,13 @@ from orchestrator.schema import ROW_ORDER_SQL
 CONFIG_LABEL = """{t}method || coalesce('(' || nullif(replace(replace(replace(replace({t}method_params, '{{', ''),
        '}}', ''), '"', ''), ' ', ''), '') || ')', '')
        || coalesce(' w' || {t}bits, '') || coalesce(' g' || {t}group_size, '')"""
+
+# A sensitivity study's unit cell (orchestrator.sensitivity): one override pattern quantized,
+# then everything kept ('*', keep). The LIKE spares the JSON functions every other row.
+UNIT_CELL = """({t}method_params like '%"overrides"%'
+              and json_array_length(json_extract({t}method_params, '$.overrides')) = 2
+              and json_extract_string({t}method_params, '$.overrides[1].pattern') = '*'
+              and coalesce(json_extract({t}method_params, '$.overrides[1].keep')::boolean, false))"""
 
 # The columns of an ok row that baseline_deltas reads, and the model's and dataset's identity:
 # the path, else the name.
@@ -231,7 +239,7 @@ DERIVED_VIEWS = {
                compute_dtype is distinct from baseline_compute_dtype as dtype_differs,
                ttft_ms, tpot_p50_ms, throughput_tok_s, baseline_tpot_p50_ms,
                memory_bytes, memory_kind, baseline_memory_bytes,
-               kl_divergence, predicted_kl, allocation,
+               kl_divergence, predicted_kl, allocation, {UNIT_CELL.format(t='')} as sensitivity_unit,
                nullif(concat_ws('; ',
                    case when quality_drop < 0 and (p_value < {SIGNIFICANCE}
                              or (p_value is null and -quality_drop > 1.96 * delta_stderr))
@@ -346,10 +354,7 @@ DERIVED_VIEWS = {
                    primary_metric, primary_value, params_quantized, bits_per_weight, weight_bytes,
                    json_extract_string(method_params, '$.overrides[0].pattern') as pattern
             from cells
-            where status = 'ok' and method_params like '%"overrides"%'
-              and json_array_length(json_extract(method_params, '$.overrides')) = 2
-              and json_extract_string(method_params, '$.overrides[1].pattern') = '*'
-              and coalesce(json_extract(method_params, '$.overrides[1].keep')::boolean, false)
+            where status = 'ok' and """ + UNIT_CELL.format(t="") + r"""
         )
         select u.sweep, u.model, u.dtype, u.dataset,
                case when regexp_matches(pattern, '^.+\.[0-9]+\.\*$') then 'block'
@@ -374,7 +379,9 @@ DERIVED_VIEWS = {
             select cell_id, model, dataset, primary_metric as metric, primary_value, weight_bytes
             from cells where method = 'baseline' and status = 'ok'
         ),
-        primary_deltas as (select * from baseline_deltas where is_primary),
+        -- a sensitivity study's unit cells (one unit quantized, the rest in dtype) are
+        -- measurements, not configs to deploy
+        primary_deltas as (select * from baseline_deltas where is_primary and not sensitivity_unit),
         best as (
             select * from primary_deltas where anomaly is null
             qualify row_number() over (partition by baseline_cell_id

@@ -164,6 +164,48 @@ def recovery_heatmap(deltas: list[Row], path: Path) -> Figure:
     return Figure(_save(fig, path), _omitted(len(groups), "(model, dataset, method) panels"))
 
 
+def sensitivity_heatmap(rows: list[Row], path: Path) -> Figure:
+    """Unit x option grid of KL divergence from the baseline (log colour scale), one panel per
+    (model, dataset, unit kind, method) of a sensitivity study (the ``sensitivity`` view); the
+    metric's delta where a dataset has no KL."""
+    panels: dict[tuple, dict[tuple, float]] = defaultdict(dict)
+    order: dict[tuple, dict[str, tuple]] = defaultdict(dict)
+    for row in rows:
+        value = row["kl_divergence"] if row["kl_divergence"] is not None else row["delta"]
+        if value is None:
+            continue
+        key = (row["model"], row["dataset"], row["unit_kind"], row["method"],
+               "KL" if row["kl_divergence"] is not None else f"delta {row['metric']}")
+        panels[key][(row["unit"], row["option"])] = value
+        order[key][row["unit"]] = (row["block"] if row["block"] is not None else -1, row["unit"])
+    if not panels:
+        return Figure(_empty(path, "no sensitivity study in the store"))
+    keys = sorted(panels)
+    height = max(3.2, min(12, 0.22 * max(len(order[k]) for k in keys) + 1.5))
+    fig, axes = _panels(len(keys), width=4.6, height=height)
+    for ax, key in zip(axes, keys):
+        model, dataset, kind, method, measure = key
+        grid = panels[key]
+        units = sorted(order[key], key=lambda u: order[key][u])
+        options = sorted({o for _, o in grid}, key=lambda o: [int(t[1:]) if t[1:].isdigit() else 0 for t in o.split()])
+        values = [[grid.get((u, o), math.nan) for o in options] for u in units]
+        finite = [v for line in values for v in line if math.isfinite(v) and v > 0]
+        if measure == "KL" and finite:
+            from matplotlib.colors import LogNorm
+
+            image = ax.imshow(values, cmap="magma_r", aspect="auto", norm=LogNorm(min(finite), max(finite)))
+        else:
+            image = ax.imshow(values, cmap="magma_r", aspect="auto")
+        ax.set_xticks(range(len(options)), [o.strip() for o in options], fontsize=8)
+        step = max(1, len(units) // 32)
+        ax.set_yticks(range(0, len(units), step), [units[i] for i in range(0, len(units), step)], fontsize=7)
+        ax.set_xlabel("option (bits, group size)")
+        ax.set_ylabel(kind)
+        ax.set_title(f"{model} / {dataset} / {method}: {measure}, one {kind} quantized", fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    return Figure(_save(fig, path), _omitted(len(keys), "(model, dataset, unit kind, method) panels"))
+
+
 def _finite_max(values) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return max(finite) if finite else -math.inf

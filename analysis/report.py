@@ -1,7 +1,7 @@
 """``qsweep report``: PNG plots and one self-contained HTML page (images embedded as data URIs).
 
 Sections: Table 1, quality vs effective bits per weight, recovery heatmaps (group size x bits),
-Pareto fronts, latency and memory per config, anomalies (flagged, never shown as wins), failed
+layer sensitivity heatmaps (when the store has a sensitivity study), Pareto fronts, latency and memory per config, anomalies (flagged, never shown as wins), failed
 and skipped cells. A small inline script checks that every image decoded and says so at the
 top of the page (``data-images`` on ``<body>``: "loaded/total"; ``data-load-ms``: how long the
 page took to load).
@@ -78,6 +78,7 @@ def write_report(results: str, out: str | Path) -> Path:
                      "|| ' / ' || dataset) as example, any_value(error_message) as message "
                      "from cells where status <> 'ok' group by all order by cells desc")
     flagged = {r["cell_id"] for r in deltas if r["anomaly"]}
+    sensitivity = _rows(con, "select * from sensitivity")
 
     figures = [
         ("Quality vs effective bits per weight", "quality_vs_bits.png",
@@ -98,6 +99,13 @@ def write_report(results: str, out: str | Path) -> Path:
         ("Cells by status", "status.png", plots.status_summary(cells, out / "status.png"),
          "Every cell in the store by method and outcome."),
     ]
+    if sensitivity:  # a sensitivity study in the store (orchestrator.sensitivity)
+        figures.insert(2, ("Layer sensitivity", "sensitivity.png",
+                           plots.sensitivity_heatmap(sensitivity, out / "sensitivity.png"),
+                           ("KL divergence from the baseline when only one unit (a block, a layer "
+                            "type or a layer) is quantized at each option and the rest is kept in the "
+                            "model's dtype; darker is more sensitive. `qsweep allocate` turns it into "
+                            "a mixed-precision spec.")))
     counts = {s: sum(1 for c in cells if c["status"] == s) for s in ("ok", "failed", "timeout", "skipped")}
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",

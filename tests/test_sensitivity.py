@@ -35,8 +35,8 @@ def quantized_layers(tiny_llama, cell) -> list[str]:
     """The layers the cell's plan quantizes, on the real model."""
     from transformers import AutoModelForCausalLM
 
-    from tasks.quantize.registry import get_method
     from tasks.quantize.layers import plan_layers
+    from tasks.quantize.registry import get_method
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     cfg = get_method(cell.method).config(**cell.params)
@@ -194,6 +194,13 @@ def test_study_allocate_run_and_compare_predicted_with_measured(tiny_llama, text
     ((other_predicted,),) = con.execute("select predicted_kl from baseline_deltas where sweep = 'mixed' "
                                         "and is_primary and dataset = 'other'").fetchall()
     assert other_predicted is None
+    # unit cells are measurements, not configs: table1's best is the mixed cell, never one of them
+    ((best,),) = con.execute("select best_method from table1 where dataset = 'text'").fetchall()
+    assert "pattern:*" not in best and best.startswith("rtn(")  # the mixed cell (its overrides: 2-bit blocks)
+    from analysis.report import write_report
+
+    page = write_report(str(results), tmp_path / "report").read_text()
+    assert "data-file='sensitivity.png'" in page and "Layer sensitivity" in page
 
 
 def test_allocate_says_what_is_wrong(tiny_llama, text_file, tmp_path):
