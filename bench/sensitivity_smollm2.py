@@ -101,6 +101,31 @@ def query(results: Path, sql: str) -> list[dict]:
     return [dict(zip(names, row)) for row in relation.fetchall()]
 
 
+def plot(rows: list[dict], method: str, path: Path) -> None:
+    """Held-out perplexity and KL against bits per weight: the uniform configs and the mixed one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label in ((axes[0], "perplexity", "held-out perplexity (log)"), (axes[1], "kl_divergence", "KL vs baseline (log)")):
+        uniform = [r for r in rows if not r["sweep"].startswith("mixed")]
+        mixed = [r for r in rows if r["sweep"].startswith("mixed")]
+        ax.plot([r["bits_per_weight"] for r in uniform], [r[key] for r in uniform], "o-", label=f"uniform {method}")
+        for r in uniform:
+            ax.annotate(f"w{r['bits']} g{r['group_size']}", (r["bits_per_weight"], r[key]), fontsize=8)
+        ax.plot([r["bits_per_weight"] for r in mixed], [r[key] for r in mixed], "r*", markersize=12,
+                label="mixed (qsweep allocate)")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (quantized layers, scales and zeros included)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M, {method}: per-block allocation at the budget of uniform w3 g32", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for the specs and the store")
@@ -144,6 +169,7 @@ def main() -> None:
                                 and dataset = 'select' and sweep = 'mixed-{args.method}'"""):
         print(f"on the study's own text (select): mixed KL {r['kl_divergence']:.5f} measured, "
               f"{r['predicted_kl']:.5f} predicted (sum of the blocks' KL alone)")
+    plot(rows, args.method, out / f"pareto-{args.method}.png")
     (out / f"summary-{args.method}.json").write_text(json.dumps({"wall_s": wall, "units": units, "budget": budget,
                                                                  "heldout": rows}, indent=1, default=str))
 
