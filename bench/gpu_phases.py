@@ -422,12 +422,19 @@ def profile_model(model: Any, tokenizer: Any, dataset: Any, cuda: bool, bandwidt
         return out
     context = config.prompt_len + config.gen_len // 2
     for batch_size in config.measured_batch_sizes():
+        if GRAPH_FAILURE:  # a failed capture can leave the stream unusable: not tried again
+            out["skipped"]["graph"] = f"not tried: a capture failed earlier in this phase ({GRAPH_FAILURE[0][:300]})"
+            break
         try:
             out["graph"].append(graph_step_ms(model, batch_size, context))
         except Exception as exc:  # noqa: BLE001 - the eager figures stand without it
+            GRAPH_FAILURE.append(f"{type(exc).__name__}: {exc}")
             out["skipped"]["graph"] = f"CUDA graph capture failed: {type(exc).__name__}: {exc}"[:1000]
             break
     return out
+
+
+GRAPH_FAILURE: list[str] = []  # the first capture failure of this process, if any
 
 
 def decode_dataset(model_path: Path, cuda: bool) -> Any:

@@ -183,3 +183,26 @@ def test_int4_computes_with_tinygemm_on_cuda(tiny_llama, tmp_path):
     with torch.no_grad():
         got, want = model(ids).logits.float(), reference(ids).logits.float()
     assert (got - want).norm() / want.norm() < 0.5
+
+
+def test_packed_int4_weights_are_checked_for_non_finite_scales():
+    """tinygemm's packed int4 tensor implements neither isfinite nor dequantize: the worker checks
+    its scales and zeros (built here on the CPU from its parts; packing itself needs CUDA)."""
+    from torchao.quantization import Int4TilePackedTo4dTensor
+
+    from tasks.errors import NonFiniteError
+    from tasks.worker import _check_finite
+
+    def layer(scale_and_zero):
+        weight = Int4TilePackedTo4dTensor(qdata=torch.zeros(8, 8, 32, 4, dtype=torch.int32),
+                                          scale_and_zero=scale_and_zero, block_size=[1, 64],
+                                          shape=torch.Size([64, 1024]), act_pre_scale=None)
+        module = torch.nn.Linear(1024, 64, bias=False)
+        module.weight = torch.nn.Parameter(weight, requires_grad=False)
+        return module
+
+    _check_finite(layer(torch.ones(16, 64, 2, dtype=torch.bfloat16)))
+    broken = torch.ones(16, 64, 2, dtype=torch.bfloat16)
+    broken[3, 5, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="weight"):
+        _check_finite(layer(broken))
