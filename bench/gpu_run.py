@@ -2,7 +2,8 @@
 bandwidth limit. Prints a report and writes it, with a JSON of every figure, to ``$OUT`` (or
 ``--out DIR``).
 
-    python bench/gpu_run.py                                   # on the GPU (about 9 minutes)
+    python bench/gpu_run.py                                   # on the GPU (8 minutes at most)
+    python bench/gpu_run.py --phases memory --budget-s 200     # a rerun of one phase
     python bench/gpu_run.py --device cpu --out /tmp/smoke      # CPU smoke run: same code, tiny sizes
 
 What it runs (each phase in its own process, under a deadline, in this order; a phase that fails
@@ -52,11 +53,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_phases import TOLERANCE, read_phase
+from gpu_phases import TOLERANCE, phase_path, read_phase
 
 # phase -> (seconds it may take at most, seconds kept for it while earlier phases run)
-BUDGET_CUDA = {"env": (60, 20), "decode": (210, 60), "sweep": (150, 45), "reference": (120, 40),
-               "memory": (110, 40)}
+BUDGET_CUDA = {"env": (40, 15), "decode": (180, 60), "sweep": (130, 45), "reference": (100, 40),
+               "memory": (100, 40)}
 BUDGET_CPU = {"env": (60, 10), "decode": (120, 15), "sweep": (120, 20), "reference": (120, 20),
               "memory": (120, 15)}
 ORDER = ("env", "decode", "sweep", "reference", "memory")
@@ -68,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results" / "gpu-run"))
     parser.add_argument("--work", default=None, help="models, scratch and phase files (default: a temp folder)")
-    parser.add_argument("--budget-s", type=float, default=None, help="whole run (default 540 on cuda, 300 on cpu)")
+    parser.add_argument("--budget-s", type=float, default=None, help="whole run (default 480 on cuda, 300 on cpu)")
+    parser.add_argument("--phases", default=",".join(ORDER),
+                        help=f"comma-separated subset of {','.join(ORDER)} (a rerun of what failed; env always runs)")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
-    work = Path(args.work or os.environ.get("QSWEEP_GPU_RUN_WORK") or f"/tmp/qsweep-gpu-run-{os.getpid()}")
+    work = Path(args.work or "/tmp/qsweep-gpu-run")  # models and phase files: a rerun reuses them
     if args.phase:
         from gpu_phases import run_phase
 
@@ -81,19 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    budget = args.budget_s or (540.0 if cuda else 300.0)
+    budget = args.budget_s or (480.0 if cuda else 300.0)
+    wanted = {"env", *filter(None, args.phases.split(","))}
+    unknown = wanted - set(ORDER)
+    if unknown:
+        parser.error(f"--phases: unknown {', '.join(sorted(unknown))}; known: {', '.join(ORDER)}")
+    order = tuple(name for name in ORDER if name in wanted)
     deadline = time.monotonic() + budget
     env = phase_env_vars(cuda, work)
     log_path = out / "phases.log"
     log_path.write_text("")
+    for name in (*order, "prebuild"):  # this run's phases start afresh; others' figures are kept
+        phase_path(work, name).unlink(missing_ok=True)
     results: dict[str, Any] = {"issue": 23, "device": args.device, "mode": "gpu" if cuda else "cpu-smoke",
-                               "budget_s": budget, "work": str(work), "tolerance": TOLERANCE, "phases": {}}
+                               "budget_s": budget, "work": str(work), "tolerance": TOLERANCE,
+                               "phases_run": list(order), "phases": {}}
     budgets = BUDGET_CUDA if cuda else BUDGET_CPU
     prebuild = None
-    for index, name in enumerate(ORDER):
-        if name == "sweep" and prebuild is not None:
-            wait_for(prebuild, min(60.0, deadline - time.monotonic() - reserve(budgets, ORDER[index:])))
-        limit = min(budgets[name][0], deadline - time.monotonic() - reserve(budgets, ORDER[index + 1:]))
+    for index, name in enumerate(order):
+        if name in ("sweep", "memory") and prebuild is not None:  # they load GPTQ checkpoints with AUTO
+            wait_for(prebuild, min(60.0, deadline - time.monotonic() - reserve(budgets, order[index:])))
+        limit = min(budgets[name][0], deadline - time.monotonic() - reserve(budgets, order[index + 1:]))
         if name != "env" and results["phases"]["env"]["status"] != "ok":
             results["phases"][name] = {"status": "skipped", "reason": "the env phase failed: "
                                        f"{results['phases']['env'].get('reason')}"}
@@ -101,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         results["phases"][name] = run_child(name, cuda, work, env, limit, log_path)
         if name == "env" and results["phases"]["env"]["status"] == "ok":
             env = phase_env_vars(cuda, work, read_phase(work, "env"))
-            prebuild = start_prebuild(cuda, work, env, out / "prebuild.log", results)
+            if {"sweep", "memory"} & wanted:
+                prebuild = start_prebuild(cuda, work, env, out / "prebuild.log", results)
         finish(results, work, out, prebuild)
     if prebuild is not None and prebuild.poll() is None:
         stop(prebuild)
