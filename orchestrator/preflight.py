@@ -10,7 +10,9 @@
   judged on the driver; facts of the machines cells run on (model directories, data files,
   memory) are judged where the cells will run: ``qsweep run`` gathers them with a probe on a
   worker (``machine_verdict`` over ``tasks.locations.machine_facts``), ``qsweep plan`` on its
-  own host and says so. Each verdict carries ``where`` (the row's ``checked_on``).
+  own host and says so. A method whose kernel is CUDA-only (``Capabilities.requires_cuda``) is
+  judged on the worker too: skipped where it has no GPU. Each verdict carries ``where`` (the
+  row's ``checked_on``).
 
 Model facts come from ``config.json`` of a local directory, from the GGUF header of a
 catalogued model, or for a hub id from its ``config.json`` on the hub (or in the hub cache) and
@@ -386,6 +388,9 @@ def machine_verdict(cell: Cell, probe: dict[str, Any], driver_facts: ModelFacts 
     verdict = location_verdict(cell, probe["paths"], where)
     if verdict.skip:
         return verdict
+    verdict = device_verdict(cell, probe, where)
+    if verdict.skip:
+        return verdict
     facts = driver_facts or probe["models"].get(cell.model.path)
     if probe.get("gpu_memory_bytes"):  # the actors run on this kind of GPU: weights go there
         verdict = memory_verdict(cell, facts, probe["gpu_memory_bytes"], where,
@@ -396,6 +401,18 @@ def machine_verdict(cell: Cell, probe: dict[str, Any], driver_facts: ModelFacts 
         return verdict
     verdict = capability_verdict(cell, facts.widths)
     return replace(verdict, where=where) if verdict.skip else verdict
+
+
+def device_verdict(cell: Cell, probe: dict[str, Any], where: str) -> Verdict:
+    """Skip a cell whose method (or engine) has a kernel on CUDA only when the worker that
+    would run it has no GPU (``machine_facts``' ``gpu_memory_bytes``)."""
+    info = get_method(cell.method)
+    caps = info.caps(cell.params)
+    if caps.requires_cuda and not probe.get("gpu_memory_bytes"):
+        engine = f" (engine {cell.params['engine']})" if "engine" in cell.params else ""
+        return Verdict(True, "unsupported", f"'{info.name}'{engine} needs a CUDA GPU and {where} has none: "
+                       f"{caps.note}", where=where)
+    return Verdict(False)
 
 
 def capability_verdict(cell: Cell, widths: dict[str, int]) -> Verdict:

@@ -416,10 +416,21 @@ def _free_memory(device: str) -> None:
 
 def _check_finite(model: Any) -> None:
     for name, p in model.named_parameters():
-        if hasattr(p, "__tensor_flatten__"):  # a wrapper subclass (torchao) implements no isfinite
-            p = p.dequantize()
-        if not torch.isfinite(p).all():
+        if not all(torch.isfinite(part).all() for part in _finite_parts(p)):
             raise NonFiniteError(f"non-finite values in {name} after quantization")
+
+
+def _finite_parts(p: torch.Tensor) -> list[torch.Tensor]:
+    """What of a parameter can be checked for non-finite values: the tensor; a wrapper subclass
+    (torchao), which implements no isfinite, dequantized, or where it implements no dequantize
+    either (tinygemm's packed int4) its floating-point inner tensors (scales and zeros)."""
+    if not hasattr(p, "__tensor_flatten__"):
+        return [p]
+    try:
+        return [p.dequantize()]
+    except NotImplementedError:
+        names, _ = p.__tensor_flatten__()
+        return [inner for inner in (getattr(p, n) for n in names) if inner.is_floating_point()]
 
 
 def _check_metrics(metrics: list) -> None:

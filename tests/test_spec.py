@@ -51,7 +51,7 @@ def test_every_problem_reported_at_once():
         "sweeps/bad.yaml: colour: unknown key; allowed: name, models",
         "models[0].path: 'unknown-model' is not a model qsweep knows (smollm2-135m)",
         "models[1].dtype='float64': allowed: float32, float16, bfloat16",
-        "methods[0].name='rnt': unknown method 'rnt': did you mean 'rtn'? available: awq, baseline, fp8, gptq, gsq, hqq, int8, nf4, rtn",
+        "methods[0].name='rnt': unknown method 'rnt': did you mean 'rtn'? available: awq, baseline, fp8, gptq, gsq, hqq, int4, int8, nf4, rtn",
         "methods[1].speed: unknown parameter of 'rtn'; allowed: group_fallback, overrides, sym, zero_point",
         "methods[1].sym='maybe'",
         "bits[1]=0: allowed: positive integers",

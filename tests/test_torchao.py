@@ -127,3 +127,82 @@ def test_smollm2_perplexity_hqq_nf4_int8_fp8():
         assert base < rows[method]["primary_value"] < 1.25 * base, figures
     nf4 = rows["nf4"]
     assert nf4["checkpoint_bytes"] == pytest.approx(nf4["weight_bytes"], rel=0.05), figures
+
+
+def _int4_cell(tiny_llama, text_file):
+    from orchestrator.cells import expand
+    from orchestrator.spec import parse_spec
+
+    spec = parse_spec({"name": "i4", "models": [{"name": "t", "path": str(tiny_llama), "dtype": "bfloat16"}],
+                       "methods": [{"name": "int4", "engine": "torchao"}], "bits": [4], "group_sizes": [32],
+                       "datasets": [{"name": "d", "task": "perplexity", "path": str(text_file)}]})
+    return expand(spec)[0]
+
+
+def test_int4_is_skipped_on_a_worker_without_a_gpu(tiny_llama, text_file):
+    from orchestrator.preflight import local_paths, machine_verdict
+    from tasks.locations import path_kinds
+
+    cell = _int4_cell(tiny_llama, text_file)
+    probe = {"host": "w1", "memory_bytes": 64 * 2**30, "gpu_memory_bytes": None, "gpu_name": None,
+             "paths": path_kinds([path for path, _, _ in local_paths(cell)]), "models": {}}
+    verdict = machine_verdict(cell, probe, None)
+    assert verdict.skip and verdict.error_class == "unsupported" and verdict.where == "worker w1"
+    assert "'int4' (engine torchao) needs a CUDA GPU and worker w1 has none" in verdict.reason
+    on_gpu = machine_verdict(cell, probe | {"gpu_memory_bytes": 80 * 2**30, "gpu_name": "H100"}, None)
+    assert not on_gpu.skip, on_gpu.reason
+    assert get_method("int4").caps({"engine": "torchao"}).unsupported(4, 48, "ragged", {}, False).startswith(
+        "supports group sizes")
+
+
+def test_int4_refuses_a_cpu_device(tiny_llama, tmp_path):
+    from tasks.errors import UnsupportedError, classify
+    from tasks.quantize.base import QuantContext
+    from tasks.quantize.registry import Int4Config
+
+    ctx = QuantContext(model_path=str(tiny_llama), workdir=tmp_path, device="cpu", threads=1, seed=0)
+    with pytest.raises(UnsupportedError, match="CUDA only") as caught:
+        engine.int4(_tiny(tiny_llama).to(torch.bfloat16), None, Int4Config(), 4, 32, ctx)
+    assert classify(caught.value) == "unsupported"
+
+
+@pytest.mark.gpu
+def test_int4_computes_with_tinygemm_on_cuda(tiny_llama, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible (torch.cuda.is_available() is False)")
+    from tasks.quantize.base import QuantContext
+    from tasks.quantize.registry import Int4Config
+
+    model = _tiny(tiny_llama).to("cuda", torch.bfloat16).eval()
+    reference = copy.deepcopy(model)
+    ctx = QuantContext(model_path=str(tiny_llama), workdir=tmp_path, device="cuda", threads=1, seed=0)
+    report = engine.int4(model, None, Int4Config(), 4, 32, ctx)
+    assert report.kernel.startswith("torchao-int4-tinygemm") and report.quantized_layers
+    assert all(0 < layer.relative_error < 0.2 for layer in report.quantized_layers)
+    ids = torch.randint(3, 200, (2, 16), device="cuda")
+    with torch.no_grad():
+        got, want = model(ids).logits.float(), reference(ids).logits.float()
+    assert (got - want).norm() / want.norm() < 0.5
+
+
+def test_packed_int4_weights_are_checked_for_non_finite_scales():
+    """tinygemm's packed int4 tensor implements neither isfinite nor dequantize: the worker checks
+    its scales and zeros (built here on the CPU from its parts; packing itself needs CUDA)."""
+    from torchao.quantization import Int4TilePackedTo4dTensor
+
+    from tasks.errors import NonFiniteError
+    from tasks.worker import _check_finite
+
+    def layer(scale_and_zero):
+        weight = Int4TilePackedTo4dTensor(qdata=torch.zeros(8, 8, 32, 4, dtype=torch.int32),
+                                          scale_and_zero=scale_and_zero, block_size=[1, 64],
+                                          shape=torch.Size([64, 1024]), act_pre_scale=None)
+        module = torch.nn.Linear(1024, 64, bias=False)
+        module.weight = torch.nn.Parameter(weight, requires_grad=False)
+        return module
+
+    _check_finite(layer(torch.ones(16, 64, 2, dtype=torch.bfloat16)))
+    broken = torch.ones(16, 64, 2, dtype=torch.bfloat16)
+    broken[3, 5, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="weight"):
+        _check_finite(layer(broken))

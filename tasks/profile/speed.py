@@ -76,12 +76,14 @@ class Latency:
 
 @dataclass(frozen=True)
 class BatchFigures:
-    """Throughput and memory at one batch size."""
+    """Throughput, memory and step latency at one batch size (the row's headline latency is
+    batch size 1's: ``SpeedProfile.latency``)."""
 
     batch_size: int
     tokens_per_s: Spread
     memory: PeakMemory  # over the warm-up and timed runs at this batch size
     kv_cache_bytes: int
+    latency: Latency | None = None  # TTFT and decode-step p50/p95 at this batch size, in ms
 
 
 @dataclass(frozen=True)
@@ -204,15 +206,19 @@ def profile_speed(model: Any, tokenizer: Any, dataset: Any, config: ProfileConfi
         batches.append(BatchFigures(
             batch_size=batch_size,
             tokens_per_s=Spread.of([batch_size * config.gen_len / r.total_s for r in runs[batch_size]]),
-            memory=memory, kv_cache_bytes=runs[batch_size][-1].kv_cache_bytes))
-    single = runs[1]
-    latency = Latency(
-        ttft_ms=Spread.of([r.prefill_s * 1e3 for r in single]),
-        tpot_p50_ms=Spread.of([percentile(r.step_s, 50) * 1e3 for r in single]),
-        tpot_p95_ms=Spread.of([percentile(r.step_s, 95) * 1e3 for r in single]),
-    )
+            memory=memory, kv_cache_bytes=runs[batch_size][-1].kv_cache_bytes,
+            latency=run_latency(runs[batch_size])))
     return SpeedProfile(config=config, device=device_name(device), backend=BACKEND,
-                        latency=latency, batches=tuple(batches))
+                        latency=run_latency(runs[1]), batches=tuple(batches))
+
+
+def run_latency(runs: list[Run]) -> Latency:
+    """TTFT and decode-step p50 / p95 (over each run's steps) of timed runs, in ms."""
+    return Latency(
+        ttft_ms=Spread.of([r.prefill_s * 1e3 for r in runs]),
+        tpot_p50_ms=Spread.of([percentile(r.step_s, 50) * 1e3 for r in runs]),
+        tpot_p95_ms=Spread.of([percentile(r.step_s, 95) * 1e3 for r in runs]),
+    )
 
 
 def percentile(values: tuple[float, ...] | list[float], q: float) -> float:

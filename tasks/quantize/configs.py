@@ -202,6 +202,27 @@ class Int8Config(WeightQuantConfig):
     smoothing_strength: float = Field(0.8, ge=0, le=1)  # llmcompressor's SmoothQuant only
 
 
+class Int4Config(WeightQuantConfig):
+    """4-bit integer weights, one scale and zero point per group, packed for a CUDA kernel:
+    ``torchao`` = ``Int4WeightOnlyConfig`` in tinygemm's tile-packed layout
+    (``torch.ops.aten._weight_int4pack_mm``, bfloat16 activations, compute capability >= 8.0).
+
+    ```yaml
+    methods:
+      - {name: int4, engine: torchao}
+    bits: [4]
+    group_sizes: [64, 128]
+    models:
+      - {name: m, path: /models/m, dtype: bfloat16}
+    ```
+
+    The kernel exists on CUDA only: on a worker without a GPU the cell is skipped, with the
+    reason (``Capabilities.requires_cuda``).
+    """
+
+    engine: Literal["torchao"] = "torchao"
+
+
 class FP8Config(WeightQuantConfig):
     """FP8 (E4M3) weights with one scale per output channel.
 

@@ -20,6 +20,7 @@ from tasks.quantize.configs import (  # noqa: F401 - the configs are part of the
     GroupFallback,
     GSQConfig,
     HQQConfig,
+    Int4Config,
     Int8Config,
     LayerOverride,
     MethodConfig,
@@ -43,6 +44,8 @@ class Capabilities:
     overrides: bool = True  # per-layer bits / group size / keep
     packed_format: str | None = None  # None: the quantized model is held dequantized
     needs_calibration: bool = False  # this engine calibrates even where its method does not
+    # its kernel exists on CUDA only: a cell is skipped on a worker without a GPU (judged there)
+    requires_cuda: bool = False
     note: str = ""  # why the limits are what they are
 
     def unsupported(self, bits: int | None, group_size: int | None, fallback: str | None,
@@ -229,6 +232,23 @@ METHODS: dict[str, MethodInfo] = {
                      "one scale per output channel (group_size -1 only) and dynamic per-token int8 "
                      "activations; overrides may only keep layers; int-quantized checkpoint evaluated "
                      "reloaded dequantized (activations QDQ)"),
+        },
+    ),
+    "int4": MethodInfo(
+        name="int4",
+        target="tasks.quantize.engines:Int4",
+        config=Int4Config,
+        version="1",
+        description="int4 weight-only, packed for a CUDA kernel (torchao tinygemm)",
+        engines={
+            "torchao": Capabilities(
+                bits=frozenset({4}), group_sizes=frozenset({32, 64, 128, 256}), per_channel=False,
+                fallbacks=frozenset({"largest_divisor", "skip_layer", "error"}), packed_format="torchao-int4",
+                requires_cuda=True,
+                note="torchao 0.18 Int4WeightOnlyConfig, tile_packed_to_4d: tinygemm's "
+                     "aten._weight_int4pack_mm, CUDA compute capability >= 8.0, bfloat16 models only; "
+                     "asymmetric codes, a bfloat16 scale and float zero per group of 32/64/128/256 "
+                     "dividing the width; widths padded to 1024 in memory; no checkpoint"),
         },
     ),
     "fp8": MethodInfo(

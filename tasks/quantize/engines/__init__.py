@@ -7,6 +7,7 @@ with the QuantMethod signature; the engine module is imported only when a cell u
 | gptq | ``gptq`` | ``gptq`` | |
 | awq | ``awq`` | ``awq`` | |
 | int8 | | ``int8`` (W8A8 + SmoothQuant) | ``int8`` (weight-only) |
+| int4 | | | ``int4`` (weight-only, tinygemm; CUDA only) |
 | fp8 | | ``fp8`` | ``fp8`` |
 """
 
@@ -39,6 +40,10 @@ class AWQ(_ByEngine):
 
 class Int8(_ByEngine):
     function = "int8"
+
+
+class Int4(_ByEngine):
+    function = "int4"
 
 
 class FP8(_ByEngine):

@@ -1,6 +1,9 @@
 """GPTQ and AWQ through GPTQModel: quantize from the base model's folder, save a packed
 checkpoint in the group's scratch folder, reload it with GPTQModel's torch kernel and evaluate
-that packed model.
+that packed model. On CUDA the per-layer record is read from that torch-kernel load, and the
+checkpoint is then reloaded with ``BACKEND.AUTO`` (the kernel GPTQModel picks for the GPU:
+Marlin, ExLlama v2, Triton...), which evaluates; ``kernel`` names the QuantLinear classes that
+ran (``auto: MarlinLinear x210``).
 
 ```yaml
 methods:
@@ -60,6 +63,7 @@ log = logging.getLogger(__name__)
 VERSION = "7.6.0"
 GPTQ_BACKEND = "gptq_torch"
 AWQ_BACKEND = "awq_torch"
+AUTO_BACKEND = "auto"  # on CUDA: the kernel GPTQModel selects for the GPU evaluates the checkpoint
 
 
 def gptq(model: Any, calib: Any, cfg: GPTQConfig, bits: int | None, group_size: int | None,
@@ -144,13 +148,36 @@ def _quantize(model: Any, calib: Any, plans: list[LayerPlan], quant_config: Any,
     del quantizer
     packed = load_packed(checkpoint, backend, ctx.device, dtype)
     layers = layer_reports(plans, packed, fmt)
+    kernel, evaluated = backend, {}
+    if str(ctx.device).startswith("cuda"):
+        # The per-layer record comes from the torch kernel's modules (qzeros, dequantize_weight);
+        # the model evaluated is the checkpoint reloaded with the kernel GPTQModel picks for this
+        # GPU (Marlin, ExLlama v2, Triton...), which repacks the weights its own way.
+        del packed
+        torch.cuda.empty_cache()
+        packed = load_packed(checkpoint, AUTO_BACKEND, ctx.device, dtype)
+        classes = kernel_classes(packed)
+        kernel = "auto: " + ", ".join(f"{name} x{count}" for name, count in sorted(classes.items()))
+        evaluated = {"kernel_classes": classes, "layer_reports_from": f"the checkpoint loaded with {backend}"}
     return QuantReport(
-        weight_format=fmt, kernel=backend, layers=layers, model=packed,
+        weight_format=fmt, kernel=kernel, layers=layers, model=packed,
         checkpoint_dir=str(checkpoint), checkpoint_format=fmt,
         checkpoint_bytes=sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")),
         engine=f"gptqmodel {VERSION}",
         extra={"quantize_config": json.loads((checkpoint / "quantize_config.json").read_text()),
-               "compute_dtype": str(dtype).removeprefix("torch.")})
+               "compute_dtype": str(dtype).removeprefix("torch."), **evaluated})
+
+
+def kernel_classes(packed: Any) -> dict[str, int]:
+    """How many of the model's modules each GPTQModel QuantLinear class computes (the kernel
+    that ran: ``MarlinLinear``, ``ExllamaV2Linear``, ``TritonV2Linear``, ``TorchLinear``...)."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    counts: dict[str, int] = {}
+    for module in packed.modules():
+        if isinstance(module, BaseQuantLinear):
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    return counts
 
 
 def eval_dtype(dtype: torch.dtype) -> torch.dtype:
