@@ -22,9 +22,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from analysis.views import dicts
+from orchestrator.preflight import DTYPE_BYTES
+
 ASSUMPTION = ("predicted KL = the sum over units of the KL each unit's option gives when it is the "
               "only unit quantized (sensitivity view); interactions between units are ignored")
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class AllocationError(Exception):
@@ -93,7 +95,7 @@ def solve(costs: list[list[float]], losses: list[list[float]], budget: float) ->
 
 def study_rows(con: Any, sweep: str, model: str | None, dataset: str | None) -> tuple[list[dict], str, str]:
     """The study's unit rows for one model and the dataset whose KL drives the choice."""
-    rows = _dicts(con.execute("select * from sensitivity where sweep = ?", [sweep]))
+    rows = dicts(con.execute("select * from sensitivity where sweep = ?", [sweep]))
     if not rows:
         known = [r[0] for r in con.execute("select distinct sweep from sensitivity order by 1").fetchall()]
         raise AllocationError(f"sweep {sweep!r} has no finished sensitivity cells in this store "
@@ -199,7 +201,7 @@ def mixed_spec(allocation: Allocation, study: dict[str, Any], name: str) -> dict
 
 def study_context(con: Any, sweep: str, model: str, any_cell: str) -> dict[str, Any]:
     """The model entry, method, datasets, calibration and seed of a study, from its rows."""
-    (row,) = _dicts(con.execute("""select model, model_path, model_revision, dtype, method, method_params,
+    (row,) = dicts(con.execute("""select model, model_path, model_revision, dtype, method, method_params,
                                           calibration, seed from cells where cell_id = ?""", [any_cell]))
     model = {"name": row["model"], "path": row["model_path"], "dtype": row["dtype"]}
     if model["path"].startswith("known:"):
@@ -207,7 +209,7 @@ def study_context(con: Any, sweep: str, model: str, any_cell: str) -> dict[str, 
     if row["model_revision"]:
         model["revision"] = row["model_revision"]
     datasets = []
-    for d in _dicts(con.execute("""select distinct dataset, task, dataset_path, "limit", eval_settings from cells
+    for d in dicts(con.execute("""select distinct dataset, task, dataset_path, "limit", eval_settings from cells
                                     where sweep = ? and model = ? and status = 'ok' order by dataset""",
                                 [sweep, model["name"]])):
         entry = {"name": d["dataset"], "task": d["task"], "path": d["dataset_path"]}
@@ -260,8 +262,3 @@ def _base_params(row: dict) -> str:
 def option_label(option: tuple) -> str:
     bits, group = option
     return " ".join(p for p in (f"w{bits}" if bits is not None else "", f"g{group}" if group is not None else "") if p)
-
-
-def _dicts(relation: Any) -> list[dict]:
-    names = [d[0] for d in relation.description]
-    return [dict(zip(names, row)) for row in relation.fetchall()]

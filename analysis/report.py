@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis import plots
-from analysis.views import connect
+from analysis.views import connect, dicts
 
 CELL_COLUMNS = ("cell_id", "model", "dtype", "method", "method_params", "bits", "group_size", "dataset",
                 "status", "error_class", "error_stage", "error_message", "primary_metric",
@@ -56,9 +56,7 @@ img { max-width: 100%; border: 1px solid #eee; }
 
 
 def _rows(con, sql: str) -> list[dict[str, Any]]:
-    rel = con.execute(sql)
-    columns = [d[0] for d in rel.description]
-    return [dict(zip(columns, r)) for r in rel.fetchall()]
+    return dicts(con.execute(sql))
 
 
 def write_report(results: str, out: str | Path) -> Path:

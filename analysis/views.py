@@ -55,6 +55,12 @@ VIEWS = {
 }
 
 
+def dicts(relation: duckdb.DuckDBPyConnection) -> list[dict]:
+    """The rows of an executed query as dicts keyed by column name."""
+    names = [d[0] for d in relation.description]
+    return [dict(zip(names, row)) for row in relation.fetchall()]
+
+
 def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the store's views; reads only the store, loads no
     extension, and is sealed (no file or network access from a query)."""
