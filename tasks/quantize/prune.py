@@ -296,7 +296,11 @@ def after_stage(report: QuantReport, model: Any, pruned: list[LayerReport], stag
     layers = [replace(layer, sparsity=zeros(getattr(modules.get(layer.name), "weight", None)),
                       sparsity_pattern=patterns.get(layer.name)) for layer in report.layers]
     after = model_sparsity(layers)
+    asked = [layer for layer in pruned if layer.sparsity_pattern]
+    holding = [layer.name for layer in asked if isinstance(getattr(modules.get(layer.name), "weight", None), torch.Tensor)
+               and zeros(modules[layer.name].weight) is not None and follows(modules[layer.name].weight, stage["sparsity"])]
     quantize = {"stage": "quantize", "achieved_sparsity": after,
+                "layers_holding_pattern": f"{len(holding)} of {len(asked)}",
                 "storage": f"{report.weight_format}: a code for every weight, pruned or not (no format here "
                            "stores quantized codes sparse), so the sparsity saves no bytes"}
     extra = {"stages": [stage, quantize]} | report.extra
