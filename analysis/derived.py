@@ -234,7 +234,7 @@ DERIVED_VIEWS = {
                weight_bytes, baseline_weight_bytes,
                100 * (weight_bytes / nullif(baseline_weight_bytes, 0) - 1) as weight_change_pct,
                baseline_weight_bytes / nullif(weight_bytes, 0) as compression_ratio, bits_per_weight,
-               kernel, weight_format, coalesce(kernel <> 'dequantized', false) as speed_claim,
+               kernel, weight_format, coalesce(kernel not in ('dequantized', 'decompressed'), false) as speed_claim,
                compute_dtype, baseline_compute_dtype,
                compute_dtype is distinct from baseline_compute_dtype as dtype_differs,
                ttft_ms, tpot_p50_ms, throughput_tok_s, baseline_tpot_p50_ms,
@@ -292,7 +292,7 @@ DERIVED_VIEWS = {
         )
         select model, dataset, metric, cell_id, method, method_params, bits, group_size,
                {CONFIG_LABEL.format(t='')} as config, primary_value as score, weight_bytes, bits_per_weight,
-               tpot_p50_ms as latency_ms, kernel, coalesce(kernel <> 'dequantized', false) as speed_claim
+               tpot_p50_ms as latency_ms, kernel, coalesce(kernel not in ('dequantized', 'decompressed'), false) as speed_claim
         from candidates semi join front using (cell_id)
     """,
     "engine_agreement": f"""

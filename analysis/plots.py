@@ -265,7 +265,7 @@ def latency_memory(cells: list[Row], path: Path) -> Figure:
     for (left, right), model in zip(axes, shown):
         configs, labels = by_model[model], picked[model]
         latency = [_median([r.get("tpot_p50_ms") for r in configs[k]]) for k in labels]
-        dequantized = [any(r.get("kernel") == "dequantized" for r in configs[k]) for k in labels]
+        dequantized = [any(r.get("kernel") in ("dequantized", "decompressed") for r in configs[k]) for k in labels]
         bars = left.barh(labels, [v if v is not None else 0 for v in latency], color="tab:orange")
         for bar, dq in zip(bars, dequantized):
             if dq:

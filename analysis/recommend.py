@@ -46,7 +46,7 @@ CANDIDATES = """
            case when c.nvml_peak_process_bytes is not null then 'nvml_peak_process_bytes'
                 when c.cuda_peak_reserved_bytes is not null then 'cuda_peak_reserved_bytes'
                 when c.peak_rss_bytes is not null then 'peak_rss_bytes' end,
-           c.tpot_p50_ms, c.kernel, coalesce(c.kernel <> 'dequantized', false),
+           c.tpot_p50_ms, c.kernel, coalesce(c.kernel not in ('dequantized', 'decompressed'), false),
            case when not coalesce(isfinite(m.value), false) then 'non-finite metric' end
     from cells c join metrics m on m.cell_id = c.cell_id and m.metric = $metric
     where c.method = 'baseline' and c.status = 'ok' and c.dataset = $dataset

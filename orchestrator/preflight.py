@@ -424,7 +424,7 @@ def capability_verdict(cell: Cell, widths: dict[str, int]) -> Verdict:
     fallback = cell.params.get("group_fallback", "ragged")
     why = caps.unsupported(cell.bits if info.uses_bits else None,
                            cell.group_size if info.uses_group_size else None, fallback, bad,
-                           bool(cell.params.get("overrides")))
+                           bool(cell.params.get("overrides")), pruned=bool(cell.params.get("prune")))
     if why:
         engine = f" (engine {cell.params['engine']})" if "engine" in cell.params else ""
         note = f": {caps.note}" if caps.note else ""

@@ -13,8 +13,9 @@ import pyarrow.compute  # noqa: F401 - pa.compute in upgrade_table
 
 # Version of the row format a row was written with (stamped on each row; never part of a cell's
 # identity). 2 added the writer's sequence (run_id, write_generation, write_seq) and checked_on;
-# 3 added model_revision and model_commit (models from the hub); 4 added actor_gpus.
-SCHEMA_VERSION = 4
+# 3 added model_revision and model_commit (models from the hub); 4 added actor_gpus; 5 added
+# sparsity and sparse_format, and the layers' sparsity, sparsity_pattern and stored_bytes.
+SCHEMA_VERSION = 5
 
 STATUSES = ("ok", "failed", "skipped", "timeout")
 ERROR_CLASSES = ("oom", "shape", "unsupported", "nan", "data", "auth", "timeout", "crash", "error")
@@ -43,6 +44,9 @@ LAYER = pa.struct([
     ("reason", pa.string()),
     ("scale_alpha", pa.float64()),
     ("override", pa.string()),
+    ("sparsity", pa.float64()),
+    ("sparsity_pattern", pa.string()),
+    ("stored_bytes", pa.int64()),
 ])
 
 EXAMPLE = pa.struct([
@@ -138,16 +142,25 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
      "largest_divisor | pad | skip_layer; null when every layer divides"),
     ("layers", pa.list_(LAYER), "per linear layer: quantized or kept (reason), bits, requested "
      "group size, group layout actually used (e.g. 4x128+64), fallback, relative weight error "
-     "||W - Q(W)|| / ||W||, and for gsq the chosen exponent scale_alpha of the input-channel scales"),
-    ("weight_format", _S, "dense (unquantized) | fake-quant (dequantized weights) | a packed format"),
+     "||W - Q(W)|| / ||W||, for gsq the chosen exponent scale_alpha of the input-channel scales, and "
+     "after pruning the achieved sparsity (zero fraction), the pattern asked for and the bytes of a "
+     "sparse-stored weight"),
+    ("weight_format", _S, "dense (unquantized) | fake-quant (dequantized weights) | a packed format | "
+     "sparse-bitmask (a pruned model's weights as compressed-tensors' bitmask layout stores them)"),
+    ("sparsity", _F, "fraction of zero weights over the linear layers but the output head, measured on "
+     "the evaluated model (after every stage: a quantizer may fill the pruned weights back in); null "
+     "for cells without a pruning method or prune stage"),
+    ("sparse_format", _S, "the format whose bytes weight_bytes counts for the sparsity: 'sparse-bitmask' "
+     "(values + one bit per weight + row offsets, a file written and read back); null when the pruned "
+     "weights are stored as dense values or quantized codes, so that the sparsity saves no bytes"),
     ("activation_quant", _S, "how the evaluated model quantized its activations, e.g. 'int8 dynamic per "
      "token' (W8A8); null = activations not quantized (weight-only): cells that differ here are "
      "different schemes, whatever their method name"),
     ("quant_details", _S, "JSON of what the method reported beyond the per-layer record (the engine's "
      "effective quantize config, checkpoint format, SmoothQuant calibration, ...); null when nothing"),
     ("kernel", _S, "kernel path evaluated and profiled: 'dense' (unquantized), 'dequantized' (low-bit "
-     "weights held dequantized: no packed low-bit kernel ran, so speed says nothing of a packed format) "
-     "or a packed kernel's name"),
+     "weights held dequantized: no packed low-bit kernel ran, so speed says nothing of a packed format), "
+     "'decompressed' (sparse weights held dense: no sparse kernel ran) or a packed kernel's name"),
     # speed and memory
     ("device", _S, "device the cell ran on: cpu or cuda:N"),
     # evaluation memory: peaks during this cell's evaluation (its own batch size and lengths)

@@ -367,6 +367,8 @@ def _parse_methods(value: Any, problems: _Problems, defaults: dict[str, Any] | N
                              f"{did_you_mean(key, fields)}allowed: {allowed}")
                 params.pop(key)
         axes = {k: (v if _is_axis(k, v) else [v]) for k, v in params.items()}
+        if "prune" in axes:  # a list inside a prune stage is one more axis
+            axes["prune"] = [stage for value in axes["prune"] for stage in _stages(value)]
         if any(len(v) == 0 for v in axes.values()):
             problems.add(where, params, "a parameter list must not be empty")
             continue
@@ -383,6 +385,8 @@ def _parse_methods(value: Any, problems: _Problems, defaults: dict[str, Any] | N
             normal = config.model_dump()
             if not normal.get("overrides", True):
                 normal.pop("overrides")  # none: keeps the identity of specs written before overrides
+            if "prune" in normal and normal["prune"] is None:
+                normal.pop("prune")  # not pruned: keeps the identity of specs written before stages
             key = (info.name, canonical_json(normal))
             key = (*key, tuple(axes_override.get("bits") or ()), tuple(axes_override.get("group_sizes") or ()))
             if key not in seen:  # e.g. zero_point is irrelevant when sym is true
@@ -394,9 +398,26 @@ def _parse_methods(value: Any, problems: _Problems, defaults: dict[str, Any] | N
     return variants
 
 
+def _stages(value: Any) -> list[Any]:
+    """A ``prune:`` value as the stages it sweeps: a mapping whose values include lists gives
+    one stage per combination (``{method: sparsegpt, sparsity: [0.5, "2:4"]}`` is two)."""
+    if not isinstance(value, dict):
+        return [value]
+    axes = {k: (v if isinstance(v, list) else [v]) for k, v in value.items()}
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
 def _pydantic_message(err: dict, config: type) -> str:
     loc = err["loc"][0] if err["loc"] else None
     field_info = config.model_fields.get(loc) if loc else None
+    if loc == "prune" and len(err["loc"]) > 1:  # a field of the stage, not the stage
+        from tasks.quantize.configs import PruneStage
+
+        field_info = PruneStage.model_fields.get(str(err["loc"][1]))
+        if field_info is None:
+            return f"unknown key of a prune stage; allowed: {_keys(PruneStage.model_fields)}"
+    elif loc == "prune":  # the stage as a whole (two of its fields conflict): no type to list
+        return err["msg"].removeprefix("Value error, ")
     allowed = f"; allowed: {_describe_type(field_info.annotation)}" if field_info is not None else ""
     return f"{err['msg'].removeprefix('Value error, ')}{allowed}"
 
@@ -595,7 +616,7 @@ def _check_exclude_values(spec: Spec, problems: _Problems) -> None:
     }
     for variant in spec.methods:
         for key, value in variant.params.items():
-            if key != "overrides":  # a list of mappings: not an exclude axis
+            if key not in ("overrides", "prune"):  # mappings: not exclude axes
                 axis_values.setdefault(key, set()).add(value)
     for i, rule in enumerate(spec.exclude):
         for key, values in rule.items():

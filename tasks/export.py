@@ -12,6 +12,10 @@ What is written:
 - a method that holds its model dequantized (``rtn``, ``gsq``: ``weight_format: fake-quant``)
   exports the dequantized weights in the model's dtype (``format: dequantized``): the same
   numbers the sweep evaluated, not a smaller file;
+- a pruning method (``sparsegpt``, ``wanda``, ``magnitude``) exports its pruned weights dense
+  (``format: pruned-dense``, the dense size): transformers 5 with compressed-tensors 0.19 cannot
+  load a sparse-bitmask checkpoint (the sweep's size counts that layout, written by qsweep); a
+  prune stage before a quantization exports as that quantization does;
 - a method whose packed format transformers cannot load back on this machine (``hqq``, the
   torchao engine) exports nothing and says why.
 
@@ -80,7 +84,7 @@ def export_cell(row: dict[str, Any], out: Path, state: Any = None) -> dict[str, 
                      if info.calibrated(cell.params) else None)
             model, report, seconds = quantize(cell, state, base, calib, workdir)
             log.info("export %s: quantized in %.1f s", cell.cell_id, seconds)
-        if not report.checkpoint_dir and report.weight_format not in ("dense", "fake-quant"):
+        if not report.checkpoint_dir and report.weight_format not in ("dense", "fake-quant", "sparse-bitmask"):
             raise ExportError(f"'{cell.method}' holds its model in {report.weight_format} and saves no checkpoint "
                               f"transformers can load ({info.caps(cell.params).note or 'see its registry entry'}); "
                               "nothing to export")
@@ -92,7 +96,7 @@ def export_cell(row: dict[str, Any], out: Path, state: Any = None) -> dict[str, 
             # Never after a forward pass: nothing here runs the model (bitsandbytes NF4 corrupts
             # a model saved after one).
             model.save_pretrained(staging)
-            fmt = "dense" if report.weight_format == "dense" else "dequantized"
+            fmt = {"dense": "dense", "sparse-bitmask": "pruned-dense"}.get(report.weight_format, "dequantized")
         if not (staging / "tokenizer_config.json").exists():
             tokenizer.save_pretrained(staging)
         manifest = {

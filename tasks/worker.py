@@ -371,10 +371,20 @@ def quantize(head: Any, state: WorkerState, base: Any, calib: Calibration | None
         if info.in_place:
             model = working_copy(base, state.device)
         config = info.config(**head.params)
+        stage = getattr(config, "prune", None)
+        if stage is not None:  # a prune stage first: the quantization sees the pruned weights
+            from tasks.quantize.prune import after_stage, prune
+
+            if not info.in_place:
+                raise ValueError(f"'{head.method}' does not quantize the model it is given: it cannot follow "
+                                 "a prune stage")
+            pruned, stage_record = prune(model, calib, stage.method, stage.config())
         report = info.load()().quantize(model, calib, config, head.bits, head.group_size, ctx)
         if report.model is not None:  # an engine built a new (e.g. packed) model
             model = report.model
             report.model = None
+        if stage is not None:
+            report = after_stage(report, model, pruned, stage_record)
         _check_finite(model)
     return model, report, quant_time.seconds
 

@@ -67,7 +67,7 @@ SPECS = [
     ("top-fallback", with_("group_fallback", "shrink"), ["group_fallback='shrink': allowed: error, largest_divisor, pad, ragged, skip_layer"]),
     ("override-empty", with_("overrides", [{"pattern": "lm_head"}]), ["methods[1].overrides.0", "an override sets bits, group_size or keep: true"]),
     ("override-not-list", with_("overrides", "lm_head"), ["overrides='lm_head': a list of {pattern, bits, group_size, keep}"]),
-    ("method-engine", with_("methods.1.engine", "gptqmodel"), ["methods[1].engine: unknown parameter of 'rtn'; allowed: group_fallback, overrides, sym, zero_point"]),
+    ("method-engine", with_("methods.1.engine", "gptqmodel"), ["methods[1].engine: unknown parameter of 'rtn'; allowed: group_fallback, overrides, prune, sym, zero_point"]),
     ("baseline-param", with_("methods.0.bits", 4), ["methods[0].bits=4: 'baseline' takes no bits; remove it"]),
     ("baseline-unknown", with_("methods.0.speed", 4), ["methods[0].speed: unknown parameter of 'baseline'; allowed: none"]),
     ("method-bits-empty", with_("methods.1.bits", []), ["methods[1].bits=[]: must be a non-empty list of positive integers"]),

@@ -35,9 +35,12 @@ def weight_size(model: Any, report: QuantReport, storage_dtype: str | None = Non
     from tasks.models import tensor_bytes, tensor_key
 
     quantized = {layer.name: layer for layer in report.quantized_layers}
+    # weights a sparse format stores (values, bitmask, offsets): their bytes as counted in its file
+    sparse = {layer.name: layer for layer in report.layers if not layer.quantized and layer.stored_bytes is not None}
     modules = dict(model.named_modules())
     quantized_keys = {tensor_key(p) for name in quantized if name in modules
                       for pname, p in modules[name].named_parameters() if pname != "bias"}
+    quantized_keys |= {tensor_key(modules[name].weight) for name in sparse if name in modules}
     per_element = DTYPE_BYTES.get(storage_dtype or "")
     seen, dense_bytes, dense_params = set(), 0, 0
     for p in model.parameters():
@@ -49,11 +52,16 @@ def weight_size(model: Any, report: QuantReport, storage_dtype: str | None = Non
             dense_bytes += p.numel() * per_element if per_element and p.is_floating_point() else tensor_bytes(p)
     packed_bits = sum(layer.stored_bits() for layer in quantized.values())
     logical = sum(layer.in_features * layer.out_features for layer in quantized.values())
+    sparse_bytes = sum(layer.stored_bytes for layer in sparse.values())
+    sparse_params = sum(layer.in_features * layer.out_features for layer in sparse.values())
+    bits_per_weight = report.bits_per_weight()
+    if sparse and not quantized:  # a pruned model: bits per weight of its sparse-stored layers
+        bits_per_weight = 8 * sparse_bytes / sparse_params
     return WeightSize(
-        weight_bytes=dense_bytes + (packed_bits + 7) // 8,
-        source="stored" if report.weight_format == "dense" else "packed-arithmetic",
-        bits_per_weight=report.bits_per_weight(),
-        params_total=dense_params + logical,
+        weight_bytes=dense_bytes + (packed_bits + 7) // 8 + sparse_bytes,
+        source="stored" if report.weight_format == "dense" or sparse and not quantized else "packed-arithmetic",
+        bits_per_weight=bits_per_weight,
+        params_total=dense_params + logical + sparse_params,
         params_quantized=logical,
         dense_bytes=dense_bytes,
     )
@@ -91,8 +99,20 @@ def profile_sizes(model: Any, report: QuantReport, baseline_bytes: int | None = 
         "layers_high_precision": sum(1 for layer in report.layers if not layer.quantized),
         "fallback": report.fallback, "weight_format": report.weight_format,
         "kernel": report.kernel, "model_bytes_in_memory": model_bytes(model),
-        "compute_dtype": compute_dtype(model),
+        "compute_dtype": compute_dtype(model), **sparsity_columns(report),
     }
+
+
+def sparsity_columns(report: QuantReport) -> dict[str, Any]:
+    """``sparsity`` (zero fraction over the linear layers but the head, as evaluated) and
+    ``sparse_format`` of a cell that pruned; nothing for one that did not."""
+    from tasks.quantize.prune import model_sparsity
+
+    if not any(layer.sparsity_pattern for layer in report.layers):
+        return {}
+    stored = any(layer.stored_bytes is not None for layer in report.layers)
+    return {"sparsity": model_sparsity(report.layers),
+            "sparse_format": report.extra.get("sparse_format") if stored else None}
 
 
 def compute_dtype(model: Any) -> str | None:

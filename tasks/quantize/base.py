@@ -31,6 +31,11 @@ class LayerReport:
     # bits one code occupies as stored where the packing wastes some (hqq's 3 bits: 10 codes per
     # int32 plus padding rows, about 3.2); None = bits
     code_bits: float | None = None
+    sparsity: float | None = None  # fraction of the weight's entries that are zero, as evaluated
+    sparsity_pattern: str | None = None  # what a prune stage asked of it: "2:4", "unstructured 0.5"
+    # bytes the weight occupies in a sparse storage format (values, bitmask, offsets), counted
+    # from the file written; None = stored as codes (quantized) or dense
+    stored_bytes: int | None = None
 
     def stored_bits(self, scale_bits: int | None = None) -> int:
         scale_bits = self.scale_bits if scale_bits is None else scale_bits

@@ -5,9 +5,10 @@ method entry is validated against these fields. Torch-free.
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class MethodConfig(BaseModel):
@@ -43,6 +44,144 @@ class LayerOverride(BaseModel):
         return self
 
 
+PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
+NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+NM_GROUPS = (2, 4, 8, 16, 32, 64, 128)  # M must divide SparseGPT's 128-column blocks
+
+
+def parse_sparsity(value: Any) -> float | str:
+    """A sparsity as a spec writes it: a fraction of zero weights in (0, 1) (``0.5``), or an N:M
+    pattern (``"2:4"``: at most N nonzero weights in every M consecutive input columns of a row,
+    as sparse tensor cores read it); raises ValueError naming what is allowed."""
+    if isinstance(value, bool):
+        raise ValueError(f"sparsity {value!r}: a fraction in (0, 1) such as 0.5, or an N:M pattern such as '2:4'")
+    if isinstance(value, (int, float)):
+        if not 0 < value < 1:
+            raise ValueError(f"sparsity {value!r}: a fraction of zero weights must lie strictly between 0 and 1, "
+                             "e.g. 0.5; or give an N:M pattern such as '2:4'")
+        return float(value)
+    match = NM_RE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"sparsity {value!r}: a fraction in (0, 1) such as 0.5, or an N:M pattern such as '2:4'")
+    n, m = int(match.group(1)), int(match.group(2))
+    if m not in NM_GROUPS or not 0 < n < m:
+        raise ValueError(f"sparsity {value!r}: N:M needs 0 < N < M and M in {{{', '.join(map(str, NM_GROUPS))}}} "
+                         "(N nonzero weights kept in every M input columns), e.g. '2:4', '4:8'")
+    return f"{n}:{m}"
+
+
+def nm_pattern(sparsity: float | str) -> tuple[int, int] | None:
+    """(N, M) of an N:M sparsity, None for a fraction."""
+    if isinstance(sparsity, str):
+        n, m = sparsity.split(":")
+        return int(n), int(m)
+    return None
+
+
+def zero_fraction(sparsity: float | str) -> float:
+    """The fraction of weights a sparsity sets to zero (1 - N/M for N:M)."""
+    pattern = nm_pattern(sparsity)
+    return 1 - pattern[0] / pattern[1] if pattern else float(sparsity)
+
+
+class PruneConfig(MethodConfig):
+    """Parameters of the pruning methods (``sparsegpt``, ``wanda``, ``magnitude``).
+
+    ```yaml
+    methods:
+      - {name: sparsegpt, sparsity: [0.5, "2:4"]}   # a list is an axis, like any parameter
+    calibration: {dataset: pydoc-topics, samples: 64, seq_len: 512}   # sparsegpt and wanda
+    ```
+
+    - ``sparsity``: the fraction of each pruned layer's weights set to zero (``0.5``), or an
+      N:M pattern (``"2:4"``, ``"4:8"``): at most N nonzero weights in every M consecutive input
+      columns of each output row (the layout sparse tensor cores and compressed-tensors' 2:4
+      format read). A layer whose input width M does not divide is left dense, and its record
+      says why.
+    """
+
+    sparsity: float | str = 0.5
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _sparsity(cls, value: Any) -> float | str:
+        return parse_sparsity(value)
+
+
+class SparseGPTConfig(PruneConfig):
+    """SparseGPT (llm-compressor's ``SparseGPTModifier``): per layer, the weights whose removal
+    costs least under the calibration inputs' Hessian are zeroed, column block by column block,
+    and the remaining weights of the row are updated to compensate (OBS).
+
+    ```yaml
+    - {name: sparsegpt, sparsity: ["2:4", 0.5], damping: 0.01}
+    ```
+
+    ``damping``: fraction of the Hessian's mean diagonal added to it (``dampening_frac``).
+    """
+
+    damping: float = Field(0.01, gt=0, lt=1)
+
+
+class WandaConfig(PruneConfig):
+    """Wanda (llm-compressor's ``WandaPruningModifier``): per output row, the weights with the
+    smallest ``|w| * ||x||`` (input norm over the calibration tokens) are zeroed; no update of the
+    remaining weights.
+
+    ```yaml
+    - {name: wanda, sparsity: [0.5, "2:4"]}
+    ```
+    """
+
+
+class MagnitudeConfig(PruneConfig):
+    """Magnitude pruning (data-free): per layer, the weights of smallest ``|w|`` are zeroed (a
+    fraction over the whole layer, or the M - N smallest of every N:M group).
+
+    ```yaml
+    - {name: magnitude, sparsity: [0.5, "2:4"]}
+    ```
+    """
+
+
+class PruneStage(BaseModel):
+    """A pruning stage run before a quantization method (``prune:`` in a method entry): the
+    pruning method's name and its parameters. Part of the cell's identity.
+
+    ```yaml
+    methods:
+      - {name: rtn, sym: false, prune: [null, {method: sparsegpt, sparsity: ["2:4", 0.5]}]}
+    ```
+    (``null`` = not pruned; a list inside the stage is one more axis.)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["sparsegpt", "wanda", "magnitude"]
+    sparsity: float | str = 0.5
+    damping: float | None = None  # sparsegpt only (default 0.01)
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _sparsity(cls, value: Any) -> float | str:
+        return parse_sparsity(value)
+
+    @model_validator(mode="after")
+    def _damping_for_sparsegpt(self) -> PruneStage:
+        if self.method == "sparsegpt" and self.damping is None:
+            object.__setattr__(self, "damping", 0.01)
+        if self.method != "sparsegpt" and self.damping is not None:
+            raise ValueError(f"damping is a sparsegpt parameter; '{self.method}' takes sparsity only")
+        if self.damping is not None and not 0 < self.damping < 1:
+            raise ValueError(f"damping {self.damping}: must lie strictly between 0 and 1")
+        return self
+
+    def config(self) -> PruneConfig:
+        """The pruning method's own config."""
+        params = {"sparsity": self.sparsity} | ({"damping": self.damping} if self.damping is not None else {})
+        return {"sparsegpt": SparseGPTConfig, "wanda": WandaConfig, "magnitude": MagnitudeConfig}[self.method](**params)
+
+
 class WeightQuantConfig(MethodConfig):
     """Parameters every weight-quantization method takes; the spec's top-level
     ``group_fallback`` and ``overrides`` fill them for methods that do not set their own.
@@ -51,10 +190,14 @@ class WeightQuantConfig(MethodConfig):
       (``ragged`` | ``largest_divisor`` | ``pad`` | ``skip_layer`` | ``error``; see
       ``tasks.quantize.layers``). A method that cannot apply a policy is skipped for that cell.
     - ``overrides``: per-layer bits / group size / keep, by module-name pattern.
+    - ``prune``: a pruning stage run first (``{method: sparsegpt | wanda | magnitude, sparsity:
+      0.5 | "2:4", damping}``); the quantization then sees the pruned weights. Unset (null) =
+      not pruned, and the cell keeps the identity it had before stages existed.
     """
 
     group_fallback: GroupFallback = "ragged"
     overrides: tuple[LayerOverride, ...] = ()
+    prune: PruneStage | None = None
 
 
 class RTNConfig(WeightQuantConfig):

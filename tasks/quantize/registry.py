@@ -23,13 +23,25 @@ from tasks.quantize.configs import (  # noqa: F401 - the configs are part of the
     Int4Config,
     Int8Config,
     LayerOverride,
+    MagnitudeConfig,
     MethodConfig,
     NF4Config,
+    PruneConfig,
+    PruneStage,
     RTNConfig,
+    SparseGPTConfig,
+    WandaConfig,
     WeightQuantConfig,
 )
 
 ALL_FALLBACKS = frozenset(get_args(GroupFallback))
+_GPTQMODEL_PRUNE = ("GPTQModel quantizes the base model it loads from its folder, not the pruned "
+                    "model; use engine: llmcompressor")
+_PRUNE_NOTE = ("every linear layer but the output head is pruned; an N:M pattern runs along input "
+               "columns, so a layer whose input width M does not divide is left dense (its record says "
+               "so). Stored in compressed-tensors' sparse-bitmask layout (values, a bit per weight, row "
+               "offsets), written by qsweep because compressed-tensors 0.19 no longer has sparse "
+               "compressors; evaluated with the weights decompressed (no sparse kernel)")
 
 
 @dataclass(frozen=True)
@@ -46,11 +58,17 @@ class Capabilities:
     needs_calibration: bool = False  # this engine calibrates even where its method does not
     # its kernel exists on CUDA only: a cell is skipped on a worker without a GPU (judged there)
     requires_cuda: bool = False
+    # can follow a pruning stage (``prune:``): quantizes the model it is given, in place or by
+    # oneshot, with nothing computed from the unpruned model beforehand
+    prune_stage: bool = True
+    prune_note: str = ""  # why not, where it cannot
     note: str = ""  # why the limits are what they are
 
     def unsupported(self, bits: int | None, group_size: int | None, fallback: str | None,
-                    non_divisible: dict[str, int], has_overrides: bool) -> str | None:
+                    non_divisible: dict[str, int], has_overrides: bool, pruned: bool = False) -> str | None:
         """Why a cell is outside these capabilities, or None."""
+        if pruned and not self.prune_stage:
+            return f"cannot follow a prune stage ({self.prune_note})"
         if bits is not None and self.bits and bits not in self.bits:
             return f"supports bits {{{', '.join(map(str, sorted(self.bits)))}}}, not {bits}"
         if group_size == -1 and not self.per_channel:
@@ -98,8 +116,11 @@ class MethodInfo:
 
     def calibrated(self, params: dict[str, Any]) -> bool:
         """Whether a cell of this method with these parameters carries the spec's calibration
-        (and so records its identity, size and hash in the row)."""
-        return self.needs_calibration or self.caps(params).needs_calibration
+        (and so records its identity, size and hash in the row): the method, its engine, or a
+        prune stage before it needs one."""
+        stage = params.get("prune")
+        return (self.needs_calibration or self.caps(params).needs_calibration
+                or bool(stage) and METHODS[stage["method"]].needs_calibration)
 
     @property
     def packed_format(self) -> str | None:
@@ -139,7 +160,9 @@ METHODS: dict[str, MethodInfo] = {
                     "on calibration data, then rtn's group quantizer (torch, fake-quant)",
         needs_calibration=True,
         needs_activation_stats=True,
-        capabilities=Capabilities(bits=frozenset(range(2, 9))),
+        capabilities=Capabilities(bits=frozenset(range(2, 9)), prune_stage=False,
+                                  prune_note="its input-channel scales come from activation statistics "
+                                             "the actor measured on the unpruned model"),
     ),
     # Engine-backed methods: capabilities are each engine's measured reach (see the engine
     # modules in tasks/quantize/engines/ for how each limit was found).
@@ -154,6 +177,7 @@ METHODS: dict[str, MethodInfo] = {
             "gptqmodel": Capabilities(
                 bits=frozenset({2, 3, 4, 8}), group_sizes=frozenset({16, 32, 64, 128, 256, 512, 1024}),
                 fallbacks=frozenset({"ragged", "skip_layer", "error"}), packed_format="gptq",
+                prune_stage=False, prune_note=_GPTQMODEL_PRUNE,
                 note="GPTQModel 7.6 GPTQ, reloaded with the gptq_torch kernel (TorchLinear: group sizes "
                      "-1/16..1024, fp16/bf16 only). Ragged is native (g_idx = column // group size; 576 at "
                      "128 stores 5 scale rows). largest_divisor's sizes (48, 96) are not kernel group "
@@ -180,6 +204,7 @@ METHODS: dict[str, MethodInfo] = {
             "gptqmodel": Capabilities(
                 bits=frozenset({4}), group_sizes=frozenset({16, 32, 64, 128}), per_channel=False,
                 fallbacks=frozenset({"error"}), overrides=False, packed_format="awq",
+                prune_stage=False, prune_note=_GPTQMODEL_PRUNE,
                 note="GPTQModel 7.6 AWQ (GEMM format), packed with and reloaded on the awq_torch kernel "
                      "(AWQ_GEMM needs CUDA). AWQ asserts in_features % group_size == 0 (no ragged, no "
                      "pad; largest_divisor's sizes are not kernel group sizes) and its clip search needs "
@@ -196,6 +221,40 @@ METHODS: dict[str, MethodInfo] = {
                      "a per-layer config group, skip_layer = layer not targeted; scales in the model "
                      "dtype; evaluated as the checkpoint reloaded dequantized"),
         },
+    ),
+    # Pruning: no bits, no group size; the sparsity is a parameter (a list of them an axis).
+    "sparsegpt": MethodInfo(
+        name="sparsegpt",
+        target="tasks.quantize.prune:SparseGPT",
+        config=SparseGPTConfig,
+        version="1",
+        description="SparseGPT pruning, unstructured or N:M (llm-compressor SparseGPTModifier)",
+        uses_bits=False,
+        uses_group_size=False,
+        needs_calibration=True,
+        capabilities=Capabilities(bits=frozenset(), packed_format="sparse-bitmask", note=_PRUNE_NOTE),
+    ),
+    "wanda": MethodInfo(
+        name="wanda",
+        target="tasks.quantize.prune:Wanda",
+        config=WandaConfig,
+        version="1",
+        description="Wanda pruning (|w| x input norm), unstructured or N:M (llm-compressor WandaPruningModifier)",
+        uses_bits=False,
+        uses_group_size=False,
+        needs_calibration=True,
+        capabilities=Capabilities(bits=frozenset(), packed_format="sparse-bitmask", note=_PRUNE_NOTE),
+    ),
+    "magnitude": MethodInfo(
+        name="magnitude",
+        target="tasks.quantize.prune:Magnitude",
+        config=MagnitudeConfig,
+        version="1",
+        description="magnitude pruning, unstructured or N:M, data-free (torch: llm-compressor's "
+                    "MagnitudePruningModifier masks during training steps and prunes nothing in oneshot)",
+        uses_bits=False,
+        uses_group_size=False,
+        capabilities=Capabilities(bits=frozenset(), packed_format="sparse-bitmask", note=_PRUNE_NOTE),
     ),
     "hqq": MethodInfo(
         name="hqq",
