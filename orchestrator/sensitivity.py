@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from orchestrator.spec import MethodVariant, ModelEntry, Spec, SpecError
+from orchestrator.spec import MethodVariant, ModelEntry, Spec, SpecError, identity_params
 from tasks.quantize.registry import get_method
 
 UNITS = ("block", "layer", "type")
@@ -167,8 +167,7 @@ def unit_params(study: Study, unit: Unit, bits: int | None, group_size: int | No
     """The method parameters of one unit cell, normalised as the spec's own variants are."""
     info = get_method(study.method.name)
     override = {"pattern": unit.pattern, "bits": bits, "group_size": group_size}
-    config = info.config(**study.method.params, overrides=[override, KEEP_REST])
-    return config.model_dump()
+    return identity_params(info.config(**study.method.params, overrides=[override, KEEP_REST]))
 
 
 def study_variants(spec: Spec, model: ModelEntry) -> list[MethodVariant]:

@@ -382,11 +382,7 @@ def _parse_methods(value: Any, problems: _Problems, defaults: dict[str, Any] | N
                     # a whole-config check (two parameters that conflict) has no field of its own
                     problems.add(f"{where}.{loc}" if loc else where, err.get("input"), _pydantic_message(err, info.config))
                 break
-            normal = config.model_dump()
-            if not normal.get("overrides", True):
-                normal.pop("overrides")  # none: keeps the identity of specs written before overrides
-            if "prune" in normal and normal["prune"] is None:
-                normal.pop("prune")  # not pruned: keeps the identity of specs written before stages
+            normal = identity_params(config)
             key = (info.name, canonical_json(normal))
             key = (*key, tuple(axes_override.get("bits") or ()), tuple(axes_override.get("group_sizes") or ()))
             if key not in seen:  # e.g. zero_point is irrelevant when sym is true
@@ -396,6 +392,17 @@ def _parse_methods(value: Any, problems: _Problems, defaults: dict[str, Any] | N
                                               group_sizes=tuple(axes_override["group_sizes"])
                                               if axes_override.get("group_sizes") else None))
     return variants
+
+
+def identity_params(config: Any) -> dict[str, Any]:
+    """A method config's parameters as they enter a cell's identity: fields added after cells were
+    stored (``overrides``, ``prune``) are left out when unset, so those cells keep their ids."""
+    normal = config.model_dump()
+    if not normal.get("overrides", True):
+        normal.pop("overrides")  # none: keeps the identity of specs written before overrides
+    if "prune" in normal and normal["prune"] is None:
+        normal.pop("prune")  # not pruned: keeps the identity of specs written before stages
+    return normal
 
 
 def _stages(value: Any) -> list[Any]:
