@@ -86,7 +86,8 @@ def prune(model: Any, calib: Any, method: str, cfg: PruneConfig) -> tuple[list[L
     error of the pruned layer) and what the stage did."""
     plans = plan_pruning(model, cfg.sparsity)
     targets = [plan.name for plan in plans if plan.reason is None]
-    originals = {plan.name: plan.module.weight.detach().clone() for plan in plans if plan.reason is None}
+    # the unpruned weights for each layer's error, on the host: no second copy on the accelerator
+    originals = {plan.name: plan.module.weight.detach().to("cpu", copy=True) for plan in plans if plan.reason is None}
     if not targets:
         raise ValueError(f"{method}: no layer to prune at sparsity {cfg.sparsity!r}: "
                          + "; ".join(f"{p.name}: {p.reason}" for p in plans[:3]))
@@ -106,8 +107,8 @@ def prune(model: Any, calib: Any, method: str, cfg: PruneConfig) -> tuple[list[L
         weight = modules[plan.name].weight.detach()
         error = None
         if plan.name in originals:
-            original = originals[plan.name].float()
-            error = (torch.linalg.vector_norm(weight.float() - original)
+            original = originals.pop(plan.name).float()
+            error = (torch.linalg.vector_norm(weight.float().cpu() - original)
                      / torch.linalg.vector_norm(original).clamp_min(1e-30)).item()
         layers.append(LayerReport(
             name=plan.name, in_features=plan.module.in_features, out_features=plan.module.out_features,

@@ -44,6 +44,15 @@ _PRUNE_NOTE = ("every linear layer but the output head is pruned; an N:M pattern
                "compressors; evaluated with the weights decompressed (no sparse kernel)")
 
 
+def _pruning(name: str, target: str, config: type, calibrated: bool, description: str) -> MethodInfo:
+    """A pruning method (``target`` its class in tasks.quantize.prune): no bits, no group size;
+    the sparsity is a parameter (a list of them an axis)."""
+    return MethodInfo(name=name, target=f"tasks.quantize.prune:{target}",
+                      config=config, version="1", description=description, uses_bits=False,
+                      uses_group_size=False, needs_calibration=calibrated,
+                      capabilities=Capabilities(bits=frozenset(), packed_format="sparse-bitmask", note=_PRUNE_NOTE))
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What one method (or one engine of it) can do; preflight skips cells outside it, with the
@@ -223,39 +232,13 @@ METHODS: dict[str, MethodInfo] = {
         },
     ),
     # Pruning: no bits, no group size; the sparsity is a parameter (a list of them an axis).
-    "sparsegpt": MethodInfo(
-        name="sparsegpt",
-        target="tasks.quantize.prune:SparseGPT",
-        config=SparseGPTConfig,
-        version="1",
-        description="SparseGPT pruning, unstructured or N:M (llm-compressor SparseGPTModifier)",
-        uses_bits=False,
-        uses_group_size=False,
-        needs_calibration=True,
-        capabilities=Capabilities(bits=frozenset(), packed_format="sparse-bitmask", note=_PRUNE_NOTE),
-    ),
-    "wanda": MethodInfo(
-        name="wanda",
-        target="tasks.quantize.prune:Wanda",
-        config=WandaConfig,
-        version="1",
-        description="Wanda pruning (|w| x input norm), unstructured or N:M (llm-compressor WandaPruningModifier)",
-        uses_bits=False,
-        uses_group_size=False,
-        needs_calibration=True,
-        capabilities=Capabilities(bits=frozenset(), packed_format="sparse-bitmask", note=_PRUNE_NOTE),
-    ),
-    "magnitude": MethodInfo(
-        name="magnitude",
-        target="tasks.quantize.prune:Magnitude",
-        config=MagnitudeConfig,
-        version="1",
-        description="magnitude pruning, unstructured or N:M, data-free (torch: llm-compressor's "
-                    "MagnitudePruningModifier masks during training steps and prunes nothing in oneshot)",
-        uses_bits=False,
-        uses_group_size=False,
-        capabilities=Capabilities(bits=frozenset(), packed_format="sparse-bitmask", note=_PRUNE_NOTE),
-    ),
+    "sparsegpt": _pruning("sparsegpt", "SparseGPT", SparseGPTConfig, True,
+                          "SparseGPT pruning, unstructured or N:M (llm-compressor SparseGPTModifier)"),
+    "wanda": _pruning("wanda", "Wanda", WandaConfig, True,
+                      "Wanda pruning (|w| x input norm), unstructured or N:M (llm-compressor WandaPruningModifier)"),
+    "magnitude": _pruning("magnitude", "Magnitude", MagnitudeConfig, False,
+                          "magnitude pruning, unstructured or N:M, data-free (torch: llm-compressor's "
+                          "MagnitudePruningModifier masks during training steps and prunes nothing in oneshot)"),
     "hqq": MethodInfo(
         name="hqq",
         target="tasks.quantize.hqq:HQQ",
