@@ -78,10 +78,9 @@ from analysis.quality import (
 )
 from orchestrator.schema import ROW_ORDER_SQL
 
-# method(params without braces, quotes and spaces) w<bits> g<group size>; replace() is several
-# times cheaper than a regular expression over a million rows
-CONFIG_LABEL = """{t}method || coalesce('(' || nullif(replace(replace(replace(replace({t}method_params, '{{', ''),
-       '}}', ''), '"', ''), ' ', ''), '') || ')', '')
+# method(params without braces, quotes and spaces) w<bits> g<group size>; translate() drops the
+# four characters in one pass over the string
+CONFIG_LABEL = """{t}method || coalesce('(' || nullif(translate({t}method_params, '{{}}" ', ''), '') || ')', '')
        || coalesce(' w' || {t}bits, '') || coalesce(' g' || {t}group_size, '')"""
 
 # A sensitivity study's unit cell (orchestrator.sensitivity): one override pattern quantized,
@@ -96,45 +95,53 @@ UNIT_CELL = """({t}method_params like '%"overrides"%'
 OK_ROWS = """
             select sweep, cell_id, model, dtype, method, method_params, bits, group_size, task, seed,
                    write_generation, write_seq, dataset, eval_settings, "limit", finished_at, primary_metric,
+                   primary_value, primary_stderr, metrics,
                    weight_bytes, bits_per_weight, kernel, weight_format, calibration_overlap, kl_divergence,
-                   compute_dtype, ttft_ms, tpot_p50_ms, throughput_tok_s, nvml_peak_process_bytes,
-                   cuda_peak_reserved_bytes, peak_rss_bytes, resident_base_bytes, metrics,
+                   compute_dtype, ttft_ms, tpot_p50_ms, throughput_tok_s,
+                   coalesce(nvml_peak_process_bytes, cuda_peak_reserved_bytes,
+                            peak_rss_bytes - coalesce(resident_base_bytes, 0)) as memory_bytes,
+                   case when nvml_peak_process_bytes is not null then 'nvml_peak_process_bytes'
+                        when cuda_peak_reserved_bytes is not null then 'cuda_peak_reserved_bytes'
+                        when peak_rss_bytes is not null and resident_base_bytes > 0
+                             then 'peak_rss_bytes - resident_base_bytes'
+                        when peak_rss_bytes is not null then 'peak_rss_bytes' end as memory_kind,
                    case when model_path is null then 'name:' || model else 'path:' || model_path end as model_key,
                    case when dataset_path is null then 'name:' || dataset else 'path:' || dataset_path end as dataset_key
             from {source} where {where}"""
 
-# One row per (ok row, quality metric) of OK_ROWS, with what a comparison needs.
+# One row per (ok row of OK_ROWS, metric); the metric's direction and test come with its
+# baseline (analysis.quality's metric_directions joined to the few baselines). The primary
+# metric comes from the row's flat columns (the same Metric the worker put in ``metrics``), the
+# others from ``metrics``: a query of primary metrics alone never reads or unnests that list.
 QUALITY = """
-            select o.sweep, o.cell_id, o.model, o.model_key, o.dtype, o.method, o.method_params, o.bits, o.group_size,
-                   o.dataset_key, o.task, o.seed, o.write_generation, o.write_seq,
-                   o.dataset, o.eval_settings, o."limit", o.finished_at, o.m.metric as metric, o.m.value as value,
-                   o.m.stderr as stderr, o.m.metric = o.primary_metric as is_primary, d.higher_is_better,
-                   d.example_metric, d.test, d.scale, o.weight_bytes, o.bits_per_weight, o.kernel, o.weight_format,
-                   o.calibration_overlap, o.kl_divergence, o.compute_dtype,
-                   o.ttft_ms, o.tpot_p50_ms, o.throughput_tok_s,
-                   coalesce(o.nvml_peak_process_bytes, o.cuda_peak_reserved_bytes,
-                            o.peak_rss_bytes - coalesce(o.resident_base_bytes, 0)) as memory_bytes,
-                   case when o.nvml_peak_process_bytes is not null then 'nvml_peak_process_bytes'
-                        when o.cuda_peak_reserved_bytes is not null then 'cuda_peak_reserved_bytes'
-                        when o.peak_rss_bytes is not null and o.resident_base_bytes > 0
-                             then 'peak_rss_bytes - resident_base_bytes'
-                        when o.peak_rss_bytes is not null then 'peak_rss_bytes' end as memory_kind
-            from (select * exclude (metrics), unnest(metrics) as m from {source}) o
-            join metric_directions d on d.metric = o.m.metric"""
+            select * exclude (metrics, primary_value, primary_stderr), primary_metric as metric,
+                   primary_value as value, primary_stderr as stderr, true as is_primary
+            from {source}
+            union all
+            select * exclude (metrics, primary_value, primary_stderr, m), m.metric as metric,
+                   m.value as value, m.stderr as stderr, false as is_primary
+            from (select *, unnest(metrics) as m from {source})
+            where m.metric is distinct from primary_metric"""
+
+# Every ok row, as a subquery (inlined wherever it is named)
+OK_LATEST = "(" + OK_ROWS.format(source="latest_rows", where="status = 'ok'") + ")"
+OK_WITH_RECORDS = "(" + OK_ROWS.format(source="latest_rows", where="status = 'ok' and len(examples) > 0") + ")"
 
 DERIVED_VIEWS = {
     # Each cell meets its baseline by hash joins on the identity (the store's few baselines
     # ranked beforehand), never by ranking every candidate pair.
     "baseline_deltas": f"""
         create or replace view baseline_deltas as
-        with ok as ({OK_ROWS.format(source="latest_rows", where="status = 'ok'")}),
-        -- A cell's method is part of its cell_id, so the baselines can be picked out before the
-        -- rows are de-duplicated (and an ok row outranks any other): the same rows, from a
-        -- handful instead of the whole store.
-        ok_baselines as ({OK_ROWS.format(source="raw_rows", where="method = 'baseline' and status = 'ok'")}
-            qualify row_number() over (partition by cell_id order by {ROW_ORDER_SQL}) = 1),
-        quality as ({QUALITY.format(source="ok")}),
-        baseline_quality as ({QUALITY.format(source="ok_baselines")}),
+        -- Every CTE over the whole store is named once (a CTE named twice is materialized whole
+        -- before any filter applies): QUALITY's two copies of its source and with_records'
+        -- copy of QUALITY are inlined text, so a query of primary metrics never reads or
+        -- unnests the metrics lists and each copy reads only the columns it needs.
+        with quality as ({QUALITY.format(source=OK_LATEST)}),
+        baseline_quality as (
+            select q.*, d.higher_is_better, d.example_metric, d.test, d.scale
+            from ({QUALITY.format(source="baseline_rows")}) q
+            join metric_directions d on d.metric = q.metric
+        ),
         -- the baseline of the same model identity (path and dtype, whatever its name), the same
         -- dataset identity (path, task, settings, limit) and the same seed, from any sweep of the
         -- store: its own sweep's preferred, then the last written. Names alone pair an 8B
@@ -143,7 +150,9 @@ DERIVED_VIEWS = {
             select model_key, dtype, dataset_key, task, metric, eval_settings, "limit", seed, sweep,
                    {{'cell_id': cell_id, 'value': value, 'stderr': stderr, 'weight_bytes': weight_bytes,
                      'tpot_p50_ms': tpot_p50_ms, 'memory_bytes': memory_bytes,
-                     'compute_dtype': compute_dtype}} as b,
+                     'compute_dtype': compute_dtype, 'write_generation': write_generation,
+                     'write_seq': write_seq, 'finished_at': finished_at, 'higher_is_better': higher_is_better,
+                     'example_metric': example_metric, 'test': test, 'scale': scale}} as b,
                    row_number() over (partition by model_key, dtype, dataset_key, task, metric, eval_settings,
                                                    "limit", seed
                                       order by write_generation desc nulls last, write_seq desc nulls last,
@@ -154,26 +163,58 @@ DERIVED_VIEWS = {
                                                finished_at desc) as rank_in_sweep
             from baseline_quality
         ),
+        -- The choice made once per (baseline identity, sweep of the store), a small table, so
+        -- that each quantized row meets its baseline in one hash join.
+        chosen as (
+            select a.model_key, a.dtype, a.dataset_key, a.task, a.metric, a.eval_settings, a."limit", a.seed,
+                   w.sweep, coalesce(s.b, a.b) as b
+            from (select * from baselines where rank_any = 1) a
+            cross join store_sweeps w
+            left join baselines s on s.rank_in_sweep = 1 and s.sweep = w.sweep
+                 and s.model_key = a.model_key and s.dataset_key = a.dataset_key and s.metric = a.metric
+                 and s.dtype is not distinct from a.dtype and s.task is not distinct from a.task
+                 and s.eval_settings is not distinct from a.eval_settings
+                 and s."limit" is not distinct from a."limit" and s.seed is not distinct from a.seed
+        ),
         pairs as (
-            select q.*, coalesce(s.b, a.b) as b
+            select q.*, c.b
             from quality q
-            join baselines a on a.rank_any = 1 and a.model_key = q.model_key and a.dataset_key = q.dataset_key
-                 and a.metric = q.metric and a.dtype is not distinct from q.dtype
-                 and a.task is not distinct from q.task and a.eval_settings is not distinct from q.eval_settings
-                 and a."limit" is not distinct from q."limit" and a.seed is not distinct from q.seed
-            left join baselines s on s.rank_in_sweep = 1 and s.sweep = q.sweep
-                 and s.model_key = q.model_key and s.dataset_key = q.dataset_key
-                 and s.metric = q.metric and s.dtype is not distinct from q.dtype
-                 and s.task is not distinct from q.task and s.eval_settings is not distinct from q.eval_settings
-                 and s."limit" is not distinct from q."limit" and s.seed is not distinct from q.seed
+            join chosen c on c.sweep = q.sweep and c.model_key = q.model_key and c.dataset_key = q.dataset_key
+                 and c.metric = q.metric and c.dtype is not distinct from q.dtype
+                 and c.task is not distinct from q.task and c.eval_settings is not distinct from q.eval_settings
+                 and c."limit" is not distinct from q."limit" and c.seed is not distinct from q.seed
             where q.method <> 'baseline'
         ),
         pairs_flat as (
             select * exclude (b), b.cell_id as baseline_cell_id, b.value as baseline_value,
                    b.stderr as baseline_stderr, b.weight_bytes as baseline_weight_bytes,
                    b.tpot_p50_ms as baseline_tpot_p50_ms, b.memory_bytes as baseline_memory_bytes,
-                   b.compute_dtype as baseline_compute_dtype
+                   b.compute_dtype as baseline_compute_dtype, b.higher_is_better as higher_is_better,
+                   b.example_metric as example_metric, b.test as test, b.scale as scale
             from pairs
+        ),
+        -- Per-example records of the rows compared, joined by each row's write identity (the row
+        -- its cell was ranked by), so the store is not read whole again for them; a row held
+        -- twice (a compaction killed before it deleted its sources) counts once. Only the
+        -- quantized rows that have records meet their baselines a second time, by their keys.
+        example_rows as (
+            select cell_id, write_generation, write_seq, finished_at, first(examples) as examples
+            from raw_rows where status = 'ok' and len(examples) > 0
+            group by cell_id, write_generation, write_seq, finished_at
+        ),
+        example_values as (
+            select cell_id, write_generation, write_seq, finished_at, e.example_id as example_id,
+                   e.metric as metric, e.value as value
+            from (select *, unnest(examples) as e from example_rows)
+        ),
+        with_records as (
+            select q.cell_id, q.metric, q.write_generation, q.write_seq, q.finished_at, c.b
+            from ({QUALITY.format(source=OK_WITH_RECORDS)}) q
+            join chosen c on c.sweep = q.sweep and c.model_key = q.model_key and c.dataset_key = q.dataset_key
+                 and c.metric = q.metric and c.dtype is not distinct from q.dtype
+                 and c.task is not distinct from q.task and c.eval_settings is not distinct from q.eval_settings
+                 and c."limit" is not distinct from q."limit" and c.seed is not distinct from q.seed
+            where q.method <> 'baseline'
         ),
         paired as (
             select p.cell_id, p.metric, count(*) as n,
@@ -183,10 +224,15 @@ DERIVED_VIEWS = {
                    count(*) filter (where eq.value > eb.value) as q_higher,
                    count(*) filter (where eq.value < eb.value) as q_lower,
                    list(eq.value - eb.value) as diffs
-            from pairs_flat p
-            join examples eq on eq.cell_id = p.cell_id and eq.metric = p.example_metric
-            join examples eb on eb.cell_id = p.baseline_cell_id and eb.metric = p.example_metric
+            from with_records p
+            join example_values eq on eq.cell_id = p.cell_id and eq.metric = p.b.example_metric
+                 and eq.write_generation is not distinct from p.write_generation
+                 and eq.write_seq is not distinct from p.write_seq and eq.finished_at is not distinct from p.finished_at
+            join example_values eb on eb.cell_id = p.b.cell_id and eb.metric = p.b.example_metric
                  and eb.example_id = eq.example_id
+                 and eb.write_generation is not distinct from p.b.write_generation
+                 and eb.write_seq is not distinct from p.b.write_seq
+                 and eb.finished_at is not distinct from p.b.finished_at
             group by p.cell_id, p.metric
         ),
         tested as (
@@ -377,31 +423,32 @@ DERIVED_VIEWS = {
         create or replace view table1 as
         with base as (
             select cell_id, model, dataset, primary_metric as metric, primary_value, weight_bytes
-            from cells where method = 'baseline' and status = 'ok'
+            from baseline_rows
         ),
         -- a sensitivity study's unit cells (one unit quantized, the rest in dtype) are
-        -- measurements, not configs to deploy
-        primary_deltas as (select * from baseline_deltas where is_primary and not sensitivity_unit),
-        best as (
-            select * from primary_deltas where anomaly is null
-            qualify row_number() over (partition by baseline_cell_id
-                                       order by quality_drop, weight_bytes, cell_id) = 1
-        ),
-        counts as (
-            select baseline_cell_id, count(*) as quantized_cells,
-                   count(*) filter (where anomaly is not null) as flagged_cells
-            from primary_deltas group by baseline_cell_id
+        -- measurements, not configs to deploy. One hash aggregate per baseline: the best clean
+        -- cell (least drop, then fewest bytes, then cell_id) and the counts; only the chosen
+        -- cell's label is built.
+        per_baseline as (
+            select baseline_cell_id,
+                   arg_min({'value': value, 'method': method, 'method_params': method_params, 'bits': bits,
+                            'group_size': group_size, 'recovery_pct': recovery_pct, 'p_value': p_value,
+                            'weight_bytes': weight_bytes, 'weight_change_pct': weight_change_pct},
+                           {'drop': quality_drop, 'bytes': weight_bytes, 'cell_id': cell_id})
+                       filter (where anomaly is null) as best,
+                   count(*) as quantized_cells, count(*) filter (where anomaly is not null) as flagged_cells
+            from baseline_deltas where is_primary and not sensitivity_unit
+            group by baseline_cell_id
         )
         select base.model, base.dataset, base.metric, base.primary_value as baseline_score,
-               best.value as best_quantized_score, best.config as best_method, best.bits, best.group_size,
-               best.recovery_pct, best.p_value,
+               best.value as best_quantized_score, """ + CONFIG_LABEL.format(t="best.") + """ as best_method,
+               best.bits, best.group_size, best.recovery_pct, best.p_value,
                base.weight_bytes / 1e6 as baseline_weight_mb, best.weight_bytes / 1e6 as quantized_weight_mb,
                best.weight_change_pct as memory_change_pct,
-               coalesce(counts.quantized_cells, 0) as quantized_cells,
-               coalesce(counts.flagged_cells, 0) as flagged_cells
+               coalesce(p.quantized_cells, 0) as quantized_cells,
+               coalesce(p.flagged_cells, 0) as flagged_cells
         from base
-        left join best on best.baseline_cell_id = base.cell_id
-        left join counts on counts.baseline_cell_id = base.cell_id
+        left join per_baseline p on p.baseline_cell_id = base.cell_id
         order by base.model, base.dataset, base.metric
     """,
 }
@@ -435,9 +482,28 @@ def _mcnemar_row(higher: int, lower: int) -> dict:
     return vars(mcnemar_test(higher, lower))
 
 
-def seal(con: duckdb.DuckDBPyConnection) -> None:
-    """After the views exist: no file or network access, no extension, no Python variables as
-    tables, and no way for a query to undo it."""
+def seal(con: duckdb.DuckDBPyConnection, readable: list[str] | None = None) -> None:
+    """After the views exist: no file or network access (but reading ``readable``, the store's
+    own files, which the views read), no extension, no Python variables as tables, and no way
+    for a query to undo it. DuckDB's allowed paths cannot be made read-only, so a caller that
+    runs a user's SQL on a connection with ``readable`` files runs only queries
+    (``check_read_only``)."""
+    if readable:
+        con.execute("set allowed_paths = $paths", {"paths": readable})
     for setting in ("enable_external_access", "python_enable_replacements", "allow_community_extensions"):
         con.execute(f"set {setting} = false")
     con.execute("set lock_configuration = true")
+
+
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise ``duckdb.PermissionException`` unless every statement of ``sql`` only reads
+    (a SELECT, DESCRIBE or SHOW, or its EXPLAIN): no COPY, no CREATE, no SET, no PRAGMA."""
+    for statement in con.extract_statements(sql):
+        kind = statement.type.name
+        if kind not in READ_ONLY_STATEMENTS:
+            raise duckdb.PermissionException(
+                f"{kind} statements are not run here: qsweep query answers queries (SELECT) over "
+                "the store's views; write results with --format csv|json|parquet --out FILE")

@@ -20,7 +20,6 @@ says which constraint binds: the one whose removal alone would leave a qualifyin
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from typing import Any, Literal
 import duckdb
 
 from analysis.quality import higher_is_better
+from analysis.views import dicts
 
 Rank = Literal["size", "quality", "latency"]
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -40,16 +40,12 @@ CANDIDATES = """
            speed_claim, anomaly
     from baseline_deltas where dataset = $dataset and metric = $metric
     union all
-    select c.model, 'baseline', c.cell_id, c.method, c.bits, c.group_size, m.value, m.value, 0, 0, 100,
-           null, null, null, null, null, c.weight_bytes, c.bits_per_weight, 0,
-           coalesce(c.nvml_peak_process_bytes, c.cuda_peak_reserved_bytes, c.peak_rss_bytes),
-           case when c.nvml_peak_process_bytes is not null then 'nvml_peak_process_bytes'
-                when c.cuda_peak_reserved_bytes is not null then 'cuda_peak_reserved_bytes'
-                when c.peak_rss_bytes is not null then 'peak_rss_bytes' end,
-           c.tpot_p50_ms, c.kernel, coalesce(c.kernel not in ('dequantized', 'decompressed'), false),
-           case when not coalesce(isfinite(m.value), false) then 'non-finite metric' end
-    from cells c join metrics m on m.cell_id = c.cell_id and m.metric = $metric
-    where c.method = 'baseline' and c.status = 'ok' and c.dataset = $dataset
+    select b.model, 'baseline', b.cell_id, b.method, b.bits, b.group_size, b.m.value, b.m.value, 0, 0, 100,
+           null, null, null, null, null, b.weight_bytes, b.bits_per_weight, 0, b.memory_bytes, b.memory_kind,
+           b.tpot_p50_ms, b.kernel, coalesce(b.kernel not in ('dequantized', 'decompressed'), false),
+           case when not coalesce(isfinite(b.m.value), false) then 'non-finite metric' end
+    from (select *, unnest(metrics) as m from baseline_rows where dataset = $dataset) b
+    where b.m.metric = $metric
 """
 
 
@@ -66,29 +62,42 @@ class Budget:
     max_memory: int | None = None
     max_latency_ms: float | None = None
 
-    def constraints(self) -> dict[str, tuple[str, Any]]:
-        """name -> (description, test on a candidate row)."""
-        out: dict[str, tuple[str, Any]] = {}
+    def constraints(self) -> dict[str, Constraint]:
+        """name -> the constraint as SQL over a candidate row (a value that is null or not
+        finite never meets a bound)."""
+        out: dict[str, Constraint] = {}
         if self.max_drop is not None:
             if self.max_drop_relative:
-                out["max-drop"] = (f"drop <= {self.max_drop:g}% of the baseline",
-                                   lambda r: _le(r["relative_drop_pct"], self.max_drop))
+                out["max-drop"] = Constraint(f"drop <= {self.max_drop:g}% of the baseline",
+                                             "relative_drop_pct", self.max_drop)
             else:
-                out["max-drop"] = (f"drop <= {self.max_drop:g}",
-                                   lambda r: _le(r["quality_drop"], self.max_drop))
+                out["max-drop"] = Constraint(f"drop <= {self.max_drop:g}", "quality_drop", self.max_drop)
         if self.min_recovery is not None:
-            out["min-recovery"] = (f"recovery >= {self.min_recovery:g}%",
-                                   lambda r: _le(-_num(r["recovery_pct"]), -self.min_recovery))
+            out["min-recovery"] = Constraint(f"recovery >= {self.min_recovery:g}%", "recovery_pct",
+                                             self.min_recovery, at_least=True)
         if self.max_weight_bytes is not None:
-            out["max-weight-bytes"] = (f"weights <= {human_bytes(self.max_weight_bytes)}",
-                                       lambda r: _le(r["weight_bytes"], self.max_weight_bytes))
+            out["max-weight-bytes"] = Constraint(f"weights <= {human_bytes(self.max_weight_bytes)}",
+                                                 "weight_bytes", self.max_weight_bytes)
         if self.max_memory is not None:
-            out["max-memory"] = (f"memory <= {human_bytes(self.max_memory)}",
-                                 lambda r: _le(r["memory_bytes"], self.max_memory))
+            out["max-memory"] = Constraint(f"memory <= {human_bytes(self.max_memory)}", "memory_bytes",
+                                           self.max_memory)
         if self.max_latency_ms is not None:
-            out["max-latency-ms"] = (f"tpot_p50 <= {self.max_latency_ms:g} ms",
-                                     lambda r: _le(r["tpot_p50_ms"], self.max_latency_ms))
+            out["max-latency-ms"] = Constraint(f"tpot_p50 <= {self.max_latency_ms:g} ms", "tpot_p50_ms",
+                                               self.max_latency_ms)
         return out
+
+
+@dataclass(frozen=True)
+class Constraint:
+    description: str
+    column: str  # a column of CANDIDATES
+    bound: float
+    at_least: bool = False  # column >= bound (else <=)
+
+    def sql(self) -> str:
+        op = ">=" if self.at_least else "<="
+        return (f"coalesce(isfinite({self.column}::double) and {self.column} {op} "
+                f"{float(self.bound)!r}::double, false)")
 
 
 @dataclass
@@ -107,14 +116,15 @@ class Answer:
 def recommend(con: duckdb.DuckDBPyConnection, dataset: str, budget: Budget, metric: str | None = None,
               model: str | None = None, rank: Rank = "size", top: int = 5) -> Answer:
     """The ``top`` candidates meeting ``budget``, ranked by ``rank``; see the module doc."""
-    datasets = [r[0] for r in con.execute(
-        "select distinct dataset from cells where status = 'ok' order by 1").fetchall()]
+    # one pass over the cells: each dataset's primary metrics and how many cells have each
+    summary = con.execute("select dataset, primary_metric, count(*) from cells where status = 'ok' "
+                          "group by all").fetchall()
+    datasets = sorted({row[0] for row in summary})
     if dataset not in datasets:
         raise BudgetError(f"--dataset {dataset!r}: no ok cells for it in the store; "
                           f"datasets with results: {', '.join(datasets) or 'none'}")
     if metric is None:
-        metric = con.execute("select primary_metric from cells where status = 'ok' and dataset = ? "
-                             "group by 1 order by count(*) desc limit 1", [dataset]).fetchone()[0]
+        metric = max((n, m) for d, m, n in summary if d == dataset)[1]
     direction = higher_is_better(metric)
     if direction is None:
         known = [r[0] for r in con.execute(
@@ -122,53 +132,73 @@ def recommend(con: duckdb.DuckDBPyConnection, dataset: str, budget: Budget, metr
             "where m.dataset = ? order by 1", [dataset]).fetchall()]
         raise BudgetError(f"--metric {metric!r}: not a quality metric of {dataset}; "
                           f"available: {', '.join(known) or 'none'}")
-    rel = con.execute(CANDIDATES, {"dataset": dataset, "metric": metric})
-    columns = [d[0] for d in rel.description]
-    rows = [dict(zip(columns, r)) for r in rel.fetchall()]
+    params: dict[str, Any] = {"dataset": dataset, "metric": metric}
+    where = ""
     if model is not None:
-        rows = [r for r in rows if r["model"] == model]
-    if not rows:
+        where, params["model"] = "where model = $model", model
+    # the candidates once (one dataset's rows of baseline_deltas), then every question on them
+    rows = con.sql(f"select * from ({CANDIDATES}) {where}", params=params).to_arrow_table()
+    if not rows.num_rows:
         raise BudgetError(f"--metric {metric!r}: no ok cell on {dataset} has it"
                           + (f" for model {model!r}" if model else ""))
-    clean = [r for r in rows if r["anomaly"] is None]
-    set_aside = [r for r in rows if r["anomaly"] is not None]
-    constraints = budget.constraints()
-    feasible = [r for r in clean if all(test(r) for _, test in constraints.values())]
-    feasible.sort(key=_rank_key(rank))
-    answer = Answer(dataset=dataset, metric=metric, higher_is_better=direction,
-                    constraints={k: v[0] for k, v in constraints.items()}, picks=feasible[:top],
-                    candidates=len(rows), set_aside=set_aside)
-    if not feasible:
-        _diagnose(answer, clean, constraints)
+    source = "recommend_candidates"
+    con.register(source, rows)
+    try:
+        constraints = budget.constraints()
+        meets_all = " and ".join(["anomaly is null"] + [c.sql() for c in constraints.values()])
+        picks = dicts(con.execute(f"select * from {source} where {meets_all} "
+                                  f"order by {RANK_ORDER[rank]}, cell_id limit {int(top)}"))
+        set_aside = dicts(con.execute(f"select * from {source} where anomaly is not null order by model, cell_id"))
+        answer = Answer(dataset=dataset, metric=metric, higher_is_better=direction,
+                        constraints={k: c.description for k, c in constraints.items()}, picks=picks,
+                        candidates=rows.num_rows, set_aside=set_aside)
+        if not picks:
+            _diagnose(con, answer, source, constraints)
+    finally:
+        con.unregister(source)
     return answer
 
 
-def _diagnose(answer: Answer, rows: list[dict[str, Any]], constraints: dict[str, tuple[str, Any]]) -> None:
-    if not rows:
+# ORDER BY of each ranking: a missing size or latency ranks last
+RANK_ORDER = {"size": "weight_bytes nulls last, quality_drop nulls last, tpot_p50_ms nulls last",
+              "quality": "quality_drop nulls last, weight_bytes nulls last, tpot_p50_ms nulls last",
+              "latency": "tpot_p50_ms nulls last, quality_drop nulls last, weight_bytes nulls last"}
+
+
+def _diagnose(con: duckdb.DuckDBPyConnection, answer: Answer, source: str,
+              constraints: dict[str, Constraint]) -> None:
+    """Which constraint binds: per constraint, how many clean configs meet it alone, how many
+    meet every other one (and the closest of those); one aggregate over the candidates."""
+    parts = ["count(*) as clean"]
+    for i, (name, c) in enumerate(constraints.items()):
+        others = " and ".join(o.sql() for n, o in constraints.items() if n != name) or "true"
+        pick = "arg_max" if c.at_least else "arg_min"
+        parts += [f"count(*) filter (where {c.sql()}) as alone_{i}",
+                  f"count(*) filter (where {others}) as others_{i}",
+                  f"{pick}({{'config': config, 'value': {c.column}}}, {c.column}) "
+                  f"filter (where {others} and {c.column} is not null) as closest_{i}"]
+    row = dicts(con.execute(f"select {', '.join(parts)} from {source} where anomaly is null"))[0]
+    if not row["clean"]:
         answer.diagnosis.append("every candidate was set aside for an anomaly")
         return
-    for name, (description, test) in constraints.items():
-        alone = sum(1 for r in rows if test(r))
-        others = [r for r in rows if all(other[1](r) for n, other in constraints.items() if n != name)]
+    for i, (name, c) in enumerate(constraints.items()):
+        others = row[f"others_{i}"]
         if others:
             answer.binding.append(name)
-        answer.diagnosis.append(f"--{name} ({description}): {alone} of {len(rows)} configs meet it alone; "
-                                f"{len(others)} meet every other constraint"
-                                + (f" (closest: {_closest(name, others)})" if others else ""))
+        closest = row[f"closest_{i}"]
+        if others and closest is None:
+            shown = f" (closest: no config has {c.column})"
+        elif others:
+            value = closest["value"]
+            shown = f" (closest: {closest['config']} at {c.column} = " + (
+                human_bytes(value) if c.column.endswith("bytes") else f"{value:.4g}") + ")"
+        else:
+            shown = ""
+        answer.diagnosis.append(f"--{name} ({c.description}): {row[f'alone_{i}']} of {row['clean']} configs "
+                                f"meet it alone; {others} meet every other constraint{shown}")
     if not answer.binding:
         answer.diagnosis.append("no single constraint binds: relaxing any one alone leaves nothing; "
                                 "several bind together")
-
-
-def _closest(name: str, rows: list[dict[str, Any]]) -> str:
-    key = {"max-drop": "quality_drop", "min-recovery": "recovery_pct", "max-weight-bytes": "weight_bytes",
-           "max-memory": "memory_bytes", "max-latency-ms": "tpot_p50_ms"}[name]
-    values = [r for r in rows if r[key] is not None]
-    if not values:
-        return f"no config has {key}"
-    best = (max if name == "min-recovery" else min)(values, key=lambda r: r[key])
-    shown = human_bytes(best[key]) if key.endswith("bytes") else f"{best[key]:.4g}"
-    return f"{best['config']} at {key} = {shown}"
 
 
 def evidence(row: dict[str, Any], metric: str) -> str:
@@ -211,22 +241,3 @@ def human_bytes(value: float) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.4g} {unit}"
     return f"{value:g} B"
-
-
-def _num(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
-def _le(value: Any, bound: float) -> bool:
-    value = _num(value)
-    return math.isfinite(value) and value <= bound
-
-
-def _rank_key(rank: Rank):
-    def key(r: dict[str, Any]):
-        size = _num(r["weight_bytes"]) if r["weight_bytes"] is not None else math.inf
-        drop = _num(r["quality_drop"])
-        latency = _num(r["tpot_p50_ms"]) if r["tpot_p50_ms"] is not None else math.inf
-        return {"size": (size, drop, latency), "quality": (drop, size, latency),
-                "latency": (latency, drop, size)}[rank] + (r["cell_id"],)
-    return key

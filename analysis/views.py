@@ -21,8 +21,8 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from analysis.derived import DERIVED_VIEWS, prepare, seal
-from orchestrator.schema import COLUMNS, ROW_ORDER_SQL
+from analysis.derived import DERIVED_VIEWS, OK_ROWS, prepare, seal
+from orchestrator.schema import COLUMNS, RENAMED, ROW_ORDER_SQL, SCHEMA
 from orchestrator.store import Store
 
 VIEWS = {
@@ -61,24 +61,45 @@ def dicts(relation: duckdb.DuckDBPyConnection) -> list[dict]:
     return [dict(zip(names, row)) for row in relation.fetchall()]
 
 
+def store_facts(con: duckdb.DuckDBPyConnection) -> None:
+    """Small tables of what the whole store holds, found once per connection (its files are
+    fixed when it connects) so that no query reads the store whole for them: the sweeps
+    (``store_sweeps``) and every ok baseline row (``baseline_rows``: the columns
+    ``baseline_deltas`` compares, one row per baseline cell). A cell's method is part of its
+    cell_id and an ok row outranks any other, so the baselines are ranked among themselves."""
+    con.execute("create temp table store_sweeps as select distinct sweep from raw_rows")
+    con.execute(f"""
+        create temp table baseline_rows as
+        {OK_ROWS.format(source="raw_rows", where="method = 'baseline' and status = 'ok'")}
+        qualify row_number() over (partition by cell_id order by {ROW_ORDER_SQL}) = 1
+    """)
+
+
 def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the store's views; reads only the store, loads no
-    extension, and is sealed (no file or network access from a query)."""
+    extension, and is sealed: a query reads the store's files and nothing else (``seal``)."""
     con = duckdb.connect(config={"autoinstall_known_extensions": False,
                                  "autoload_known_extensions": False})
     store = Store(results)
-    con.register("raw_rows", store.dataset(sweep))
+    readable = register_rows(con, store, sweep)
     con.register("allocations", store.allocations())  # qsweep allocate's predictions
-    # One row per cell_id. Only cells written more than once need ranking: a window over every
-    # row would carry each row's every column through a sort, so a cell written once passes.
-    con.execute(f"""
-        create or replace view latest_rows as
-        with repeated as (select cell_id from raw_rows group by cell_id having count(*) > 1)
-        select r.* from raw_rows r anti join repeated d on r.cell_id is not distinct from d.cell_id
-        union all
-        select * from (select r.* from raw_rows r semi join repeated d on r.cell_id is not distinct from d.cell_id)
-        qualify row_number() over (partition by cell_id order by {ROW_ORDER_SQL}) = 1
-    """)
+    # One row per cell_id. Only cells written more than once need ranking, and which those are
+    # is found once per connection (the store's files are fixed when it connects): a cell
+    # written once passes untouched, so no query pays for a de-duplication, and the views stay
+    # plain scans that read only the columns a query names.
+    repeated = con.sql("select cell_id from raw_rows group by cell_id having count(*) > 1").to_arrow_table()
+    con.register("repeated_cells", repeated)
+    if repeated.num_rows == 0:
+        con.execute("create or replace view latest_rows as select * from raw_rows")
+    else:
+        con.execute(f"""
+            create or replace view latest_rows as
+            select r.* from raw_rows r anti join repeated_cells d on r.cell_id = d.cell_id
+            union all
+            select * from (select r.* from raw_rows r semi join repeated_cells d on r.cell_id = d.cell_id)
+            qualify row_number() over (partition by cell_id order by {ROW_ORDER_SQL}) = 1
+        """)
+    store_facts(con)
     prepare(con)
     for sql in VIEWS.values():
         con.execute(sql)
@@ -87,5 +108,33 @@ def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection
         "type": [str(dtype) for _, dtype, _ in COLUMNS],
         "definition": [doc for _, _, doc in COLUMNS],
     }))
-    seal(con)
+    seal(con, readable)
     return con
+
+
+def register_rows(con: duckdb.DuckDBPyConnection, store: Store, sweep: str | None) -> list[str]:
+    """``raw_rows``: every row of the store's files as the current schema; returns the files a
+    query must be able to read. A local store is read by DuckDB's own Parquet reader (several
+    times faster than a scan through Arrow: threads over row groups, filters and projections
+    inside the reader), its files' schemas unioned by name and a column no file has yet read as
+    null; an object store (no httpfs here) and a store with renamed columns are read through
+    ``pyarrow.dataset`` (``Store.dataset``)."""
+    files = store.files(sweep)
+    if store.fs is not None or not files or RENAMED:
+        con.register("raw_rows", store.dataset(sweep))
+        return []
+    con.register("row_schema", SCHEMA.empty_table())
+    types = dict(con.execute("select column_name, column_type from (describe row_schema)").fetchall())
+    con.unregister("row_schema")
+    listing = "[" + ", ".join(_sql_string(path) for path in files) + "]"
+    present = {name for name, *_ in con.execute(
+        f"describe select * from read_parquet({listing}, union_by_name = true)").fetchall()}
+    columns = ", ".join(f'"{name}"' if name in present else f'null::{types[name]} as "{name}"'
+                        for name in SCHEMA.names)
+    con.execute(f"create or replace view raw_rows as select {columns} "
+                f"from read_parquet({listing}, union_by_name = true)")
+    return files
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

@@ -483,6 +483,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
+    from analysis.derived import check_read_only
     from analysis.named import resolve
     from analysis.views import connect
 
@@ -491,6 +492,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     con = connect(args.results)
     try:
+        check_read_only(con, resolve(args.sql))
         if args.format == "parquet":
             import pyarrow.parquet as pq
 
