@@ -372,3 +372,40 @@ def test_memory_used_for_decisions_excludes_the_resident_base_model(tmp_path):
     got = connect(str(tmp_path)).execute(
         "select memory_bytes, memory_kind, baseline_memory_bytes from baseline_deltas").fetchall()
     assert got == [(BASE_BYTES, "peak_rss_bytes - resident_base_bytes", 2 * BASE_BYTES)]
+
+
+def test_a_row_held_twice_counts_once_and_every_view_reads_the_same(store):
+    """A compaction killed after writing its part but before deleting the sources leaves each
+    row twice (the part and the cell's own file): the views see one row per cell and each
+    paired test counts each example once, as on the clean store."""
+    query = ("select cell_id, value, baseline_value, paired_n, p_value, delta_stderr from baseline_deltas "
+             "order by cell_id, metric")
+    before = repr(connect(store).execute(query).fetchall())  # repr: nan == nan
+    tables = [connect(store).execute("select * from table1").fetchall(),
+              connect(store).execute("select cell_id from pareto order by cell_id").fetchall()]
+    results = Store(store)
+    copy = results.root / "s" / "compacted" / "part-copy.parquet"
+    copy.parent.mkdir(parents=True)
+    pq.write_table(pq.ParquetDataset(results.files("s")).read(), copy)  # every row, again
+    con = connect(store)
+    assert con.execute("select count(*), count(distinct cell_id) from cells").fetchone() == (12, 12)
+    assert repr(con.execute(query).fetchall()) == before
+    assert [con.execute("select * from table1").fetchall(),
+            con.execute("select cell_id from pareto order by cell_id").fetchall()] == tables
+    assert dict(con.execute("select cell_id, paired_n from baseline_deltas").fetchall())["q4g64"] == 40
+
+
+def test_a_query_reads_the_store_and_nothing_else(store, tmp_path, capsys):
+    """Local stores are read by DuckDB's own Parquet reader, allowed exactly the store's files:
+    those can be read (they are what the views read), nothing else, and qsweep query runs only
+    queries, so no statement can write into the store either."""
+    part = Store(store).files("s")[0]
+    assert main(["query", "--results", store, f"select count(*) as n from read_parquet('{part}')"]) == 0
+    assert "1" in capsys.readouterr().out
+    target = tmp_path / "results" / "s" / "cells" / "x.parquet"
+    for sql in (f"copy cells to '{target}'", f"copy (select 1) to '{part}'", "create table t as select 1",
+                "select * from read_csv('/etc/hostname')", "pragma show_tables; select 1",
+                f"select * from read_parquet('{tmp_path}/*.parquet')"):
+        assert main(["query", "--results", store, sql]) == 2, sql
+        assert "qsweep query:" in capsys.readouterr().err
+    assert not target.exists() and connect(store).execute("select count(*) from cells").fetchone() == (12,)
