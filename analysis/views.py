@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from analysis.derived import DERIVED_VIEWS, OK_ROWS, prepare, seal
 from orchestrator.schema import COLUMNS, RENAMED, ROW_ORDER_SQL, SCHEMA
@@ -61,18 +62,27 @@ def dicts(relation: duckdb.DuckDBPyConnection) -> list[dict]:
     return [dict(zip(names, row)) for row in relation.fetchall()]
 
 
-def store_facts(con: duckdb.DuckDBPyConnection) -> None:
+def store_facts(con: duckdb.DuckDBPyConnection) -> int:
     """Small tables of what the whole store holds, found once per connection (its files are
-    fixed when it connects) so that no query reads the store whole for them: the sweeps
-    (``store_sweeps``) and every ok baseline row (``baseline_rows``: the columns
-    ``baseline_deltas`` compares, one row per baseline cell). A cell's method is part of its
-    cell_id and an ok row outranks any other, so the baselines are ranked among themselves."""
-    con.execute("create temp table store_sweeps as select distinct sweep from raw_rows")
+    fixed when it connects) so that no query reads the store whole for them: the cells written
+    more than once (``repeated_cells``: only those need ranking in ``latest_rows``) and the
+    sweeps (``store_sweeps``), in one pass; then every ok baseline row (``baseline_rows``: the
+    columns ``baseline_deltas`` compares, one row per baseline cell). A cell's method is part of
+    its cell_id and an ok row outranks any other, so the baselines are ranked among themselves."""
+    found = con.sql("""
+        select grouping(cell_id) = 1 as is_sweep, sweep, cell_id from raw_rows
+        group by grouping sets ((sweep), (cell_id))
+        having grouping(cell_id) = 1 or count(*) > 1
+    """).to_arrow_table()
+    is_sweep = found.column("is_sweep")
+    con.register("repeated_cells", found.filter(pc.invert(is_sweep)).select(["cell_id"]))
+    con.register("store_sweeps", found.filter(is_sweep).select(["sweep"]))
     con.execute(f"""
         create temp table baseline_rows as
         {OK_ROWS.format(source="raw_rows", where="method = 'baseline' and status = 'ok'")}
         qualify row_number() over (partition by cell_id order by {ROW_ORDER_SQL}) = 1
     """)
+    return found.filter(pc.invert(is_sweep)).num_rows
 
 
 def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection:
@@ -83,13 +93,10 @@ def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection
     store = Store(results)
     readable = register_rows(con, store, sweep)
     con.register("allocations", store.allocations())  # qsweep allocate's predictions
-    # One row per cell_id. Only cells written more than once need ranking, and which those are
-    # is found once per connection (the store's files are fixed when it connects): a cell
-    # written once passes untouched, so no query pays for a de-duplication, and the views stay
-    # plain scans that read only the columns a query names.
-    repeated = con.sql("select cell_id from raw_rows group by cell_id having count(*) > 1").to_arrow_table()
-    con.register("repeated_cells", repeated)
-    if repeated.num_rows == 0:
+    # One row per cell_id. Only cells written more than once need ranking (store_facts): a
+    # cell written once passes untouched, so no query pays for a de-duplication, and the views
+    # stay plain scans that read only the columns a query names.
+    if not store_facts(con):
         con.execute("create or replace view latest_rows as select * from raw_rows")
     else:
         con.execute(f"""
@@ -99,7 +106,6 @@ def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection
             select * from (select r.* from raw_rows r semi join repeated_cells d on r.cell_id = d.cell_id)
             qualify row_number() over (partition by cell_id order by {ROW_ORDER_SQL}) = 1
         """)
-    store_facts(con)
     prepare(con)
     for sql in VIEWS.values():
         con.execute(sql)
@@ -126,13 +132,21 @@ def register_rows(con: duckdb.DuckDBPyConnection, store: Store, sweep: str | Non
     con.register("row_schema", SCHEMA.empty_table())
     types = dict(con.execute("select column_name, column_type from (describe row_schema)").fetchall())
     con.unregister("row_schema")
-    listing = "[" + ", ".join(_sql_string(path) for path in files) + "]"
-    present = {name for name, *_ in con.execute(
-        f"describe select * from read_parquet({listing}, union_by_name = true)").fetchall()}
-    columns = ", ".join(f'"{name}"' if name in present else f'null::{types[name]} as "{name}"'
-                        for name in SCHEMA.names)
-    con.execute(f"create or replace view raw_rows as select {columns} "
-                f"from read_parquet({listing}, union_by_name = true)")
+    # Files grouped by their columns (every footer read once, here, by DuckDB's reader): each
+    # group is bound from its first file, so a view that names raw_rows does not read every
+    # footer of a sweep in progress again each time it is bound.
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for path, names in con.execute(
+            "select file_name, list(name order by name) from parquet_schema($files) group by file_name",
+            {"files": files}).fetchall():
+        groups.setdefault(tuple(names), []).append(path)
+    selects = []
+    for names, paths in sorted(groups.items(), key=lambda item: min(item[1])):
+        columns = ", ".join(f'"{name}"' if name in names else f'null::{types[name]} as "{name}"'
+                            for name in SCHEMA.names)
+        listing = "[" + ", ".join(_sql_string(path) for path in sorted(paths)) + "]"
+        selects.append(f"select {columns} from read_parquet({listing})")
+    con.execute("create or replace view raw_rows as " + " union all ".join(selects))
     return files
 
 
