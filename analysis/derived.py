@@ -76,7 +76,6 @@ from analysis.quality import (
     mcnemar_test,
     sign_flip_test,
 )
-from orchestrator.schema import ROW_ORDER_SQL
 
 # method(params without braces, quotes and spaces) w<bits> g<group size>; translate() drops the
 # four characters in one pass over the string

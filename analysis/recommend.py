@@ -175,8 +175,8 @@ def _diagnose(con: duckdb.DuckDBPyConnection, answer: Answer, source: str,
         pick = "arg_max" if c.at_least else "arg_min"
         parts += [f"count(*) filter (where {c.sql()}) as alone_{i}",
                   f"count(*) filter (where {others}) as others_{i}",
-                  f"{pick}({{'config': config, 'value': {c.column}}}, {c.column}) "
-                  f"filter (where {others} and {c.column} is not null) as closest_{i}"]
+                  (f"{pick}({{'config': config, 'value': {c.column}}}, {c.column}) "
+                   f"filter (where {others} and {c.column} is not null) as closest_{i}")]
     row = dicts(con.execute(f"select {', '.join(parts)} from {source} where anomaly is null"))[0]
     if not row["clean"]:
         answer.diagnosis.append("every candidate was set aside for an anomaly")
