@@ -283,6 +283,7 @@ def test_smollm2_orderings_sparsegpt_and_wanda_beat_magnitude_and_2_4_costs_more
     fewer bytes than the baseline, as its sparse-bitmask file."""
     from inline import run_inline
 
+    from orchestrator.cells import identity_columns
     from orchestrator.spec import parse_spec
     from tasks.worker import WorkerState
 
@@ -293,7 +294,7 @@ def test_smollm2_orderings_sparsegpt_and_wanda_beat_magnitude_and_2_4_costs_more
         "datasets": [{"name": "pydoc-topics", "task": "perplexity", "limit": 4, "seq_len": 512, "batch_size": 4}],
         "calibration": {"dataset": "pydoc-topics", "samples": 16, "seq_len": 512},
         "profile": PROFILE})
-    rows = [row for _, row in run_inline(spec, WorkerState())]
+    rows = [{**identity_columns(cell), **row} for cell, row in run_inline(spec, WorkerState())]
     assert all(row["status"] == "ok" for row in rows), [row.get("error_message") for row in rows]
     baseline = next(row for row in rows if row["method"] == "baseline")
     pruned = {(row["method"], json.loads(row["method_params"])["sparsity"]): row
