@@ -170,7 +170,7 @@ def main() -> None:
         print(f"on the study's own text (select): mixed KL {r['kl_divergence']:.5f} measured, "
               f"{r['predicted_kl']:.5f} predicted (sum of the blocks' KL alone)")
     plot(rows, args.method, out / f"pareto-{args.method}.png")
-    (out / f"summary-{args.method}.json").write_text(json.dumps({"wall_s": wall, "units": units, "budget": budget,
+    (out / f"summary-{args.method}.json").write_text(json.dumps({"method": args.method, "wall_s": wall, "units": units, "budget": budget,
                                                                  "heldout": rows}, indent=1, default=str))
 
 
