@@ -193,18 +193,22 @@ DERIVED_VIEWS = {
             from pairs
         ),
         -- Per-example records of the rows compared, joined by each row's write identity (the row
-        -- its cell was ranked by), so the store is not read whole again for them; a row held
-        -- twice (a compaction killed before it deleted its sources) counts once. Only the
-        -- quantized rows that have records meet their baselines a second time, by their keys.
-        example_rows as (
-            select cell_id, write_generation, write_seq, finished_at, first(examples) as examples
-            from raw_rows where status = 'ok' and len(examples) > 0
-            group by cell_id, write_generation, write_seq, finished_at
-        ),
+        -- its cell was ranked by), streamed once from the store: the quantized rows' records
+        -- here, the baselines' from baseline_examples (small, found at connect). A row held
+        -- twice (a compaction killed before it deleted its sources; only repeated_cells can be)
+        -- counts once. Only the quantized rows that have records meet their baselines a second
+        -- time, by their keys.
         example_values as (
             select cell_id, write_generation, write_seq, finished_at, e.example_id as example_id,
                    e.metric as metric, e.value as value
-            from (select *, unnest(examples) as e from example_rows)
+            from (select r.*, unnest(examples) as e from raw_rows r anti join repeated_cells d using (cell_id)
+                  where status = 'ok' and method <> 'baseline' and len(examples) > 0)
+            union all
+            select cell_id, write_generation, write_seq, finished_at, e.example_id, e.metric, e.value
+            from (select cell_id, write_generation, write_seq, finished_at, unnest(first(examples)) as e
+                  from raw_rows r semi join repeated_cells d using (cell_id)
+                  where status = 'ok' and method <> 'baseline' and len(examples) > 0
+                  group by cell_id, write_generation, write_seq, finished_at)
         ),
         with_records as (
             select q.cell_id, q.metric, q.write_generation, q.write_seq, q.finished_at, c.b
@@ -227,7 +231,7 @@ DERIVED_VIEWS = {
             join example_values eq on eq.cell_id = p.cell_id and eq.metric = p.b.example_metric
                  and eq.write_generation is not distinct from p.write_generation
                  and eq.write_seq is not distinct from p.write_seq and eq.finished_at is not distinct from p.finished_at
-            join example_values eb on eb.cell_id = p.b.cell_id and eb.metric = p.b.example_metric
+            join baseline_examples eb on eb.cell_id = p.b.cell_id and eb.metric = p.b.example_metric
                  and eb.example_id = eq.example_id
                  and eb.write_generation is not distinct from p.b.write_generation
                  and eb.write_seq is not distinct from p.b.write_seq

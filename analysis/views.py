@@ -67,8 +67,9 @@ def store_facts(con: duckdb.DuckDBPyConnection) -> int:
     fixed when it connects) so that no query reads the store whole for them: the cells written
     more than once (``repeated_cells``: only those need ranking in ``latest_rows``) and the
     sweeps (``store_sweeps``), in one pass; then every ok baseline row (``baseline_rows``: the
-    columns ``baseline_deltas`` compares, one row per baseline cell). A cell's method is part of
-    its cell_id and an ok row outranks any other, so the baselines are ranked among themselves."""
+    columns ``baseline_deltas`` compares, one row per baseline cell) with their per-example
+    records (``baseline_examples``). A cell's method is part of its cell_id and an ok row
+    outranks any other, so the baselines are ranked among themselves."""
     found = con.sql("""
         select grouping(cell_id) = 1 as is_sweep, sweep, cell_id from raw_rows
         group by grouping sets ((sweep), (cell_id))
@@ -81,6 +82,17 @@ def store_facts(con: duckdb.DuckDBPyConnection) -> int:
         create temp table baseline_rows as
         {OK_ROWS.format(source="raw_rows", where="method = 'baseline' and status = 'ok'")}
         qualify row_number() over (partition by cell_id order by {ROW_ORDER_SQL}) = 1
+    """)
+    con.execute("""
+        create temp table baseline_examples as
+        select cell_id, write_generation, write_seq, finished_at, e.example_id as example_id,
+               e.metric as metric, e.value as value
+        from (select r.cell_id, r.write_generation, r.write_seq, r.finished_at, unnest(first(r.examples)) as e
+              from raw_rows r semi join baseline_rows b on b.cell_id = r.cell_id
+                   and b.write_generation is not distinct from r.write_generation
+                   and b.write_seq is not distinct from r.write_seq and b.finished_at is not distinct from r.finished_at
+              where r.method = 'baseline' and r.status = 'ok'
+              group by r.cell_id, r.write_generation, r.write_seq, r.finished_at)
     """)
     return found.filter(pc.invert(is_sweep)).num_rows
 
