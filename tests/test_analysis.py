@@ -409,3 +409,16 @@ def test_a_query_reads_the_store_and_nothing_else(store, tmp_path, capsys):
         assert main(["query", "--results", store, sql]) == 2, sql
         assert "qsweep query:" in capsys.readouterr().err
     assert not target.exists() and connect(store).execute("select count(*) from cells").fetchone() == (12,)
+
+
+def test_every_quantized_cell_has_its_config_label_bits_or_not(tmp_path):
+    """Labels are built once per distinct configuration and joined back: a cell without bits or
+    group size (a pruned model) keeps its label, and two cells of one configuration share it."""
+    rows = [cell("b", method="baseline", correct=[1, 0, 1, 1]),
+            {**cell("sp", method="sparsegpt", correct=[1, 0, 0, 1]), "bits": None, "group_size": None,
+             "method_params": json.dumps({"sparsity": 0.5})},
+            cell("r1", correct=[1, 1, 0, 1]), {**cell("r2", correct=[1, 0, 1, 0]), "dataset": "bq"}]
+    Store(tmp_path / "results").write_rows(rows)
+    labels = dict(connect(str(tmp_path / "results")).execute(
+        "select cell_id, config from baseline_deltas").fetchall())
+    assert labels == {"sp": "sparsegpt(sparsity:0.5)", "r1": "rtn(sym:true) w4 g64", "r2": "rtn(sym:true) w4 g64"}
