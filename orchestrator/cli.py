@@ -121,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run SQL on DuckDB over the store. Views: cells (one row per "
                        "cell, newest wins), metrics (cell_id, dataset, metric, value, stderr, n, "
                        "definition), layers, examples, columns, metric_directions, baseline_deltas, "
-                       "pareto, table1 (columns: analysis/views.py, analysis/derived.py). A query "
-                       "sees only these views: no files, no network, no extensions.")
+                       "pareto, table1, sensitivity, engine_agreement (columns: analysis/views.py, "
+                       "analysis/derived.py). Queries only (SELECT, DESCRIBE, SHOW, EXPLAIN): a query "
+                       "reads the store's own files and nothing else (no other file, no network, no "
+                       "extension), and writes nothing; --out writes the answer.")
     p.add_argument("sql", help='SQL, e.g. "select method, bits, group_size, status from cells", or a '
                    f"named query: {_named_queries()}")
     p.add_argument("--results", default="results", help="results directory (default: ./results)")
