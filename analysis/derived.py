@@ -269,13 +269,6 @@ DERIVED_VIEWS = {
                         else t.value - t.baseline_value end as quality_drop,
                    p.predicted_kl, p.allocation
             from tested_out t left join predicted p on p.cell_id = t.cell_id
-        ),
-        -- each distinct configuration's label built once and joined (a million new strings
-        -- cost more than a hash join against a few hundred)
-        labels as (
-            select method as label_method, method_params as label_params, bits as label_bits,
-                   group_size as label_group_size, {CONFIG_LABEL.format(t='')} as config
-            from (select distinct method, method_params, bits, group_size from latest_rows where status = 'ok')
         )
         select sweep, cell_id, model, method, method_params, bits, group_size, config, dataset,
                metric, is_primary, higher_is_better, baseline_cell_id, baseline_value, value, delta,
@@ -308,7 +301,9 @@ DERIVED_VIEWS = {
                    case when bits <= 4 and kl_divergence < {NO_CHANGE_KL}
                         then 'no measurable change at <= 4 bits: the source weights may already be on this grid' end),
                    '') as anomaly
-        from scored left join labels on label_method = method and label_params is not distinct from method_params
+        -- each distinct configuration's label, built once per connection (config_labels): a
+        -- million new strings cost more than a hash join against a few hundred
+        from scored left join config_labels on label_method = method and label_params is not distinct from method_params
              and label_bits is not distinct from bits and label_group_size is not distinct from group_size
     """,
     # A sort and a sweep (analysis.front), not a self-join. First, per weight level of a front

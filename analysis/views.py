@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from analysis.derived import DERIVED_VIEWS, OK_ROWS, prepare, seal
+from analysis.derived import CONFIG_LABEL, DERIVED_VIEWS, OK_ROWS, prepare, seal
 from orchestrator.schema import COLUMNS, RENAMED, ROW_ORDER_SQL, SCHEMA
 from orchestrator.store import Store
 
@@ -68,8 +68,9 @@ def store_facts(con: duckdb.DuckDBPyConnection) -> int:
     more than once (``repeated_cells``: only those need ranking in ``latest_rows``) and the
     sweeps (``store_sweeps``), in one pass; then every ok baseline row (``baseline_rows``: the
     columns ``baseline_deltas`` compares, one row per baseline cell) with their per-example
-    records (``baseline_examples``). A cell's method is part of its cell_id and an ok row
-    outranks any other, so the baselines are ranked among themselves."""
+    records (``baseline_examples``), and each ok configuration's label (``config_labels``). A
+    cell's method is part of its cell_id and an ok row outranks any other, so the baselines are
+    ranked among themselves."""
     found = con.sql("""
         select grouping(cell_id) = 1 as is_sweep, sweep, cell_id from raw_rows
         group by grouping sets ((sweep), (cell_id))
@@ -82,6 +83,12 @@ def store_facts(con: duckdb.DuckDBPyConnection) -> int:
         create temp table baseline_rows as
         {OK_ROWS.format(source="raw_rows", where="method = 'baseline' and status = 'ok'")}
         qualify row_number() over (partition by cell_id order by {ROW_ORDER_SQL}) = 1
+    """)
+    con.execute(f"""
+        create temp table config_labels as
+        select method as label_method, method_params as label_params, bits as label_bits,
+               group_size as label_group_size, {CONFIG_LABEL.format(t='')} as config
+        from (select distinct method, method_params, bits, group_size from raw_rows where status = 'ok')
     """)
     con.execute("""
         create temp table baseline_examples as
