@@ -492,7 +492,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.format == "parquet" and not args.out:
         print("qsweep query: --format parquet writes a file: add --out PATH", file=sys.stderr)
         return EXIT_USAGE
-    con = connect(args.results)
+    try:
+        con = connect(args.results)
+    except duckdb.Error as exc:  # a store file that is not Parquet (written by something else)
+        print(f"qsweep query: cannot read the store at {args.results}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         check_read_only(con, resolve(args.sql))
         if args.format == "parquet":

@@ -409,6 +409,10 @@ def test_a_query_reads_the_store_and_nothing_else(store, tmp_path, capsys):
         assert main(["query", "--results", store, sql]) == 2, sql
         assert "qsweep query:" in capsys.readouterr().err
     assert not target.exists() and connect(store).execute("select count(*) from cells").fetchone() == (12,)
+    target.write_bytes(b"not parquet")  # a file something else wrote into the store
+    assert main(["query", "--results", store, "select count(*) from cells"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the store" in err and "x.parquet" in err
 
 
 def test_every_quantized_cell_has_its_config_label_bits_or_not(tmp_path):
