@@ -126,6 +126,24 @@ QUALITY = """
 OK_LATEST = "(" + OK_ROWS.format(source="latest_rows", where="status = 'ok'") + ")"
 OK_WITH_RECORDS = "(" + OK_ROWS.format(source="latest_rows", where="status = 'ok' and len(examples) > 0") + ")"
 
+
+def same_baseline_identity(a: str, b: str) -> str:
+    """SQL: rows ``a`` and ``b`` share the identity a baseline is matched on (model path and
+    dtype, dataset path, task, settings and limit, seed) and the metric."""
+    equal = [f"{a}.{key} = {b}.{key}" for key in ("model_key", "dataset_key", "metric")]
+    same = [f"{a}.{key} is not distinct from {b}.{key}" for key in ("dtype", "task", "eval_settings", '"limit"', "seed")]
+    return " and ".join(equal + same)
+
+
+# Per-example records, one list per row write identity (a row held twice, as a compaction
+# killed before it deleted its sources leaves it, counts once), unnested.
+RECORDS_BY_ROW = """
+            select cell_id, write_generation, write_seq, finished_at, e.example_id as example_id,
+                   e.metric as metric, e.value as value
+            from (select r.cell_id, r.write_generation, r.write_seq, r.finished_at, unnest(first(r.examples)) as e
+                  from {source} where {where}
+                  group by r.cell_id, r.write_generation, r.write_seq, r.finished_at)"""
+
 DERIVED_VIEWS = {
     # Each cell meets its baseline by hash joins on the identity (the store's few baselines
     # ranked beforehand), never by ranking every candidate pair.
@@ -169,19 +187,12 @@ DERIVED_VIEWS = {
                    w.sweep, coalesce(s.b, a.b) as b
             from (select * from baselines where rank_any = 1) a
             cross join store_sweeps w
-            left join baselines s on s.rank_in_sweep = 1 and s.sweep = w.sweep
-                 and s.model_key = a.model_key and s.dataset_key = a.dataset_key and s.metric = a.metric
-                 and s.dtype is not distinct from a.dtype and s.task is not distinct from a.task
-                 and s.eval_settings is not distinct from a.eval_settings
-                 and s."limit" is not distinct from a."limit" and s.seed is not distinct from a.seed
+            left join baselines s on s.rank_in_sweep = 1 and s.sweep = w.sweep and {same_baseline_identity("s", "a")}
         ),
         pairs as (
             select q.*, c.b
             from quality q
-            join chosen c on c.sweep = q.sweep and c.model_key = q.model_key and c.dataset_key = q.dataset_key
-                 and c.metric = q.metric and c.dtype is not distinct from q.dtype
-                 and c.task is not distinct from q.task and c.eval_settings is not distinct from q.eval_settings
-                 and c."limit" is not distinct from q."limit" and c.seed is not distinct from q.seed
+            join chosen c on c.sweep = q.sweep and {same_baseline_identity("c", "q")}
             where q.method <> 'baseline'
         ),
         pairs_flat as (
@@ -204,19 +215,13 @@ DERIVED_VIEWS = {
             from (select r.*, unnest(examples) as e from raw_rows r anti join repeated_cells d using (cell_id)
                   where status = 'ok' and method <> 'baseline' and len(examples) > 0)
             union all
-            select cell_id, write_generation, write_seq, finished_at, e.example_id, e.metric, e.value
-            from (select cell_id, write_generation, write_seq, finished_at, unnest(first(examples)) as e
-                  from raw_rows r semi join repeated_cells d using (cell_id)
-                  where status = 'ok' and method <> 'baseline' and len(examples) > 0
-                  group by cell_id, write_generation, write_seq, finished_at)
+            {RECORDS_BY_ROW.format(source="raw_rows r semi join repeated_cells d using (cell_id)",
+                                   where="status = 'ok' and method <> 'baseline' and len(examples) > 0")}
         ),
         with_records as (
             select q.cell_id, q.metric, q.write_generation, q.write_seq, q.finished_at, c.b
             from ({QUALITY.format(source=OK_WITH_RECORDS)}) q
-            join chosen c on c.sweep = q.sweep and c.model_key = q.model_key and c.dataset_key = q.dataset_key
-                 and c.metric = q.metric and c.dtype is not distinct from q.dtype
-                 and c.task is not distinct from q.task and c.eval_settings is not distinct from q.eval_settings
-                 and c."limit" is not distinct from q."limit" and c.seed is not distinct from q.seed
+            join chosen c on c.sweep = q.sweep and {same_baseline_identity("c", "q")}
             where q.method <> 'baseline'
         ),
         paired as (

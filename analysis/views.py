@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from analysis.derived import CONFIG_LABEL, DERIVED_VIEWS, OK_ROWS, prepare, seal
+from analysis.derived import CONFIG_LABEL, DERIVED_VIEWS, OK_ROWS, RECORDS_BY_ROW, prepare, seal
 from orchestrator.schema import COLUMNS, RENAMED, ROW_ORDER_SQL, SCHEMA
 from orchestrator.store import Store
 
@@ -77,7 +77,8 @@ def store_facts(con: duckdb.DuckDBPyConnection) -> int:
         having grouping(cell_id) = 1 or count(*) > 1
     """).to_arrow_table()
     is_sweep = found.column("is_sweep")
-    con.register("repeated_cells", found.filter(pc.invert(is_sweep)).select(["cell_id"]))
+    repeated = found.filter(pc.invert(is_sweep)).select(["cell_id"])
+    con.register("repeated_cells", repeated)
     con.register("store_sweeps", found.filter(is_sweep).select(["sweep"]))
     con.execute(f"""
         create temp table baseline_rows as
@@ -90,18 +91,12 @@ def store_facts(con: duckdb.DuckDBPyConnection) -> int:
                group_size as label_group_size, {CONFIG_LABEL.format(t='')} as config
         from (select distinct method, method_params, bits, group_size from raw_rows where status = 'ok')
     """)
-    con.execute("""
-        create temp table baseline_examples as
-        select cell_id, write_generation, write_seq, finished_at, e.example_id as example_id,
-               e.metric as metric, e.value as value
-        from (select r.cell_id, r.write_generation, r.write_seq, r.finished_at, unnest(first(r.examples)) as e
-              from raw_rows r semi join baseline_rows b on b.cell_id = r.cell_id
-                   and b.write_generation is not distinct from r.write_generation
-                   and b.write_seq is not distinct from r.write_seq and b.finished_at is not distinct from r.finished_at
-              where r.method = 'baseline' and r.status = 'ok'
-              group by r.cell_id, r.write_generation, r.write_seq, r.finished_at)
-    """)
-    return found.filter(pc.invert(is_sweep)).num_rows
+    con.execute("create temp table baseline_examples as " + RECORDS_BY_ROW.format(
+        source="""raw_rows r semi join baseline_rows b on b.cell_id = r.cell_id
+                  and b.write_generation is not distinct from r.write_generation
+                  and b.write_seq is not distinct from r.write_seq and b.finished_at is not distinct from r.finished_at""",
+        where="r.method = 'baseline' and r.status = 'ok'"))
+    return repeated.num_rows
 
 
 def connect(results: str, sweep: str | None = None) -> duckdb.DuckDBPyConnection:
@@ -141,8 +136,8 @@ def register_rows(con: duckdb.DuckDBPyConnection, store: Store, sweep: str | Non
     """``raw_rows``: every row of the store's files as the current schema; returns the files a
     query must be able to read. A local store is read by DuckDB's own Parquet reader (several
     times faster than a scan through Arrow: threads over row groups, filters and projections
-    inside the reader), its files' schemas unioned by name and a column no file has yet read as
-    null; an object store (no httpfs here) and a store with renamed columns are read through
+    inside the reader), its files grouped by their columns, each group read as the current
+    schema (a column its files lack, older than it, read as null); an object store (no httpfs here) and a store with renamed columns are read through
     ``pyarrow.dataset`` (``Store.dataset``)."""
     files = store.files(sweep)
     if store.fs is not None or not files or RENAMED:
@@ -160,10 +155,12 @@ def register_rows(con: duckdb.DuckDBPyConnection, store: Store, sweep: str | Non
             {"files": files}).fetchall():
         groups.setdefault(tuple(names), []).append(path)
     selects = []
-    for names, paths in sorted(groups.items(), key=lambda item: min(item[1])):
-        columns = ", ".join(f'"{name}"' if name in names else f'null::{types[name]} as "{name}"'
-                            for name in SCHEMA.names)
+    for paths in sorted(groups.values(), key=min):
         listing = "[" + ", ".join(_sql_string(path) for path in sorted(paths)) + "]"
+        # top-level columns only: parquet_schema also names the fields nested in lists of structs
+        present = {row[0] for row in con.execute(f"describe select * from read_parquet({_sql_string(min(paths))})").fetchall()}
+        columns = ", ".join(f'"{name}"' if name in present else f'null::{types[name]} as "{name}"'
+                            for name in SCHEMA.names)
         selects.append(f"select {columns} from read_parquet({listing})")
     con.execute("create or replace view raw_rows as " + " union all ".join(selects))
     return files
